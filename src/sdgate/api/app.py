@@ -1,0 +1,61 @@
+"""``create_app(settings)``: the whole HTTP service, its collaborators injected."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from sdgate import __version__
+from sdgate.api import health, images, native
+from sdgate.api.context import AppContext
+from sdgate.api.errors import install_error_handlers
+from sdgate.api.middleware import BodyLimit
+from sdgate.backends import Backend, create_backend
+from sdgate.config import Settings
+from sdgate.jobs import JobRunner
+from sdgate.storage import Storage, create_storage
+
+log = logging.getLogger("sdgate.api")
+
+
+def create_app(settings: Settings, backend: Backend | None = None, storage: Storage | None = None) -> FastAPI:
+    """Build the app. ``backend`` and ``storage`` default to what the settings name."""
+    # 1. collaborators
+    backend = backend or create_backend(settings)
+    storage = storage or create_storage(settings)
+    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=JobRunner(settings, backend, storage))
+
+    # 2. lifecycle: the model loads in the background so that /healthz answers at once
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        storage.check()
+        await backend.start()
+        log.info(
+            "sdgate %s: backend %s, model %s, storage %s",
+            __version__,
+            backend.name,
+            backend.model_name,
+            storage.name,
+        )
+        try:
+            yield
+        finally:
+            await backend.close()
+
+    # 3. app, errors, routes
+    app = FastAPI(
+        title="sdgate",
+        version=__version__,
+        description="Stable Diffusion behind an open HTTP API; answers with URLs of stored images.",
+        lifespan=lifespan,
+    )
+    app.state.ctx = ctx
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.include_router(native.router)
+    app.include_router(health.router)
+    app.include_router(images.router)
+    return app

@@ -1,0 +1,32 @@
+"""``GET /images/{key}``: images of the local storage, immutable and cacheable forever."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, Response
+
+from sdgate.api.context import Ctx
+from sdgate.errors import NotFound
+from sdgate.imaging import CONTENT_TYPES
+from sdgate.storage.local import LocalStorage
+
+router = APIRouter(tags=["images"])
+
+_CACHE = "public, max-age=31536000, immutable"
+
+
+@router.get("/images/{key:path}", response_class=FileResponse, responses={404: {"description": "no such image"}})
+async def get_image(key: str, request: Request, ctx: Ctx) -> Response:
+    """A stored image. Keys are made by sdgate; anything else (``..``, absolute paths) is 404."""
+    storage = ctx.storage
+    path = storage.path_for(key) if isinstance(storage, LocalStorage) else None
+    if path is None or not path.is_file():
+        raise NotFound("no such image")
+    ext = key.rsplit(".", 1)[-1]
+    content_type = CONTENT_TYPES.get(ext, "application/json")
+    # The key holds 128 random bits and its bytes never change: it is a perfect entity tag.
+    etag = '"' + key.rsplit("/", 1)[-1].split(".")[0] + '"'
+    headers = {"Cache-Control": _CACHE, "ETag": etag, "X-Content-Type-Options": "nosniff"}
+    if etag in request.headers.get("if-none-match", ""):
+        return Response(status_code=304, headers=headers)
+    return FileResponse(path, media_type=content_type, headers=headers)

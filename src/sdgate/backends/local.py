@@ -1,0 +1,56 @@
+"""The default backend: the diffusers engine in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any
+
+from sdgate.backends import BackendResult, ProgressFn
+from sdgate.config import Settings
+from sdgate.engine.runner import Engine
+from sdgate.schemas import GenerationParams, ModelDefaults
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, settings: Settings, engine: Engine | None = None):
+        self.engine = engine or Engine(settings)
+        self.model_name = settings.model
+
+    async def start(self) -> None:
+        self.engine.start()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self.engine.close)
+
+    def ready(self) -> bool:
+        return self.engine.state == "ready"
+
+    def status_detail(self) -> str:
+        if self.engine.state == "failed":
+            return f"model failed to load: {self.engine.load_error}"
+        return f"model {self.model_name} {self.engine.state} on {self.engine.device}"
+
+    def defaults(self) -> ModelDefaults:
+        return self.engine.defaults
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> BackendResult:
+        cancel = cancel or threading.Event()
+        future = self.engine.submit(params, progress, cancel)
+        try:
+            result = await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The caller went away (client disconnected): stop spending the device on it.
+            cancel.set()
+            raise
+        return BackendResult(images=result.images, queue_ms=result.queue_ms, inference_ms=result.inference_ms)
+
+    def stats(self) -> dict[str, Any]:
+        return {"queue_depth": self.engine.queue_depth(), **self.engine.stats.snapshot()}

@@ -1,0 +1,208 @@
+"""The ``sdgate`` command line.
+
+Every setting is a flag here and an ``SDGATE_*`` environment variable; flags win.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar, get_args
+
+import click
+from pydantic import ValidationError
+
+from sdgate.config import Settings
+from sdgate.errors import SdgateError
+
+F = TypeVar("F", bound=Callable[..., Any])
+_FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+
+
+def settings_options(func: F) -> F:
+    """Add one ``--flag`` per :class:`Settings` field (``SDGATE_X`` ↔ ``--x``)."""
+    for name, field in reversed(list(Settings.model_fields.items())):
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description or ''} [env: SDGATE_{name.upper()}]"
+        if field.annotation is bool:
+            func = click.option(f"{flag}/--no-{name.replace('_', '-')}", name, default=None, help=help_text)(func)
+        else:
+            choices = get_args(field.annotation)
+            if choices and all(isinstance(c, str) for c in choices):
+                func = click.option(flag, name, type=click.Choice(choices), default=None, help=help_text)(func)
+            else:
+                func = click.option(flag, name, default=None, help=help_text)(func)
+    return func
+
+
+def build_settings(options: dict[str, Any]) -> Settings:
+    """Settings from flags (when given) over environment variables; a bad value is a clean error."""
+    given = {k: v for k, v in options.items() if k in Settings.model_fields and v is not None}
+    try:
+        settings = Settings(**given)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "settings"
+        raise click.UsageError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
+    if settings.sagemaker:
+        settings = settings.with_sagemaker_defaults(set(given) | _env_names())
+    return settings
+
+
+def _env_names() -> set[str]:
+    import os
+
+    return {k[len("SDGATE_") :].lower() for k in os.environ if k.startswith("SDGATE_")}
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+    # diffusers/transformers are chatty about things users cannot act on.
+    for noisy in ("diffusers", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+@click.group()
+@click.version_option(package_name="sdgate")
+def main() -> None:
+    """sdgate: Stable Diffusion behind an open HTTP API."""
+
+
+@main.command()
+@settings_options
+def serve(**options: Any) -> None:
+    """Start the HTTP server (default http://127.0.0.1:8000, the built-in model)."""
+    import uvicorn
+
+    from sdgate.api import create_app
+
+    # 1. settings and logging
+    settings = build_settings(options)
+    _setup_logging(settings.log_level)
+    # 2. app
+    app = create_app(settings)
+    click.echo(f"sdgate serving {settings.model} on http://{settings.host}:{settings.port}", err=True)
+    # 3. serve until SIGINT/SIGTERM
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=30,
+    )
+
+
+@main.command()
+@click.argument("prompt")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("out.jpg"),
+    show_default=True,
+    help="Where to write the image (.jpg, .png or .webp).",
+)
+@click.option("--url", help="Generate on a running sdgate server instead of in process.")
+@click.option("--negative-prompt", help="What to avoid.")
+@click.option("--width", type=int, help="Image width (multiple of 8).")
+@click.option("--height", type=int, help="Image height (multiple of 8).")
+@click.option("--steps", "num_inference_steps", type=int, help="Denoising steps.")
+@click.option("--guidance-scale", type=float, help="Classifier-free guidance scale.")
+@click.option("--seed", type=int, help="Seed (image i uses seed + i).")
+@click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
+@click.option("--scheduler", help="euler, euler_a, ddim, dpmpp_2m, pndm, lms or unipc.")
+@settings_options
+def generate(prompt: str, output: Path, url: str | None, **options: Any) -> None:
+    """Generate an image from PROMPT and write it to --output."""
+    fmt = _FORMATS.get(output.suffix.lower())
+    if fmt is None:
+        raise click.UsageError(f"--output must end in .jpg, .png or .webp, got {output.name!r}")
+    request_fields = (
+        "negative_prompt",
+        "width",
+        "height",
+        "num_inference_steps",
+        "guidance_scale",
+        "seed",
+        "num_images",
+        "scheduler",
+    )
+    body = {k: options.pop(k) for k in request_fields if options.get(k) is not None}
+    for k in request_fields:
+        options.pop(k, None)
+    body.update(prompt=prompt, output_format=fmt)
+    try:
+        if url:
+            from sdgate.client import generate_remote
+
+            outputs = generate_remote(url, body, output)
+        else:
+            settings = build_settings(options)
+            _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
+            outputs = _generate_local(settings, body, output)
+    except SdgateError as e:
+        raise click.ClickException(e.message) from None
+    for path, seed in outputs:
+        click.echo(f"{path}  seed={seed}")
+
+
+def _output_paths(output: Path, n: int) -> list[Path]:
+    if n == 1:
+        return [output]
+    return [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> list[tuple[Path, int]]:
+    """In process: validate → load the model → generate with a progress bar → encode → write."""
+    from tqdm import tqdm
+
+    from sdgate.engine.runner import Engine
+    from sdgate.errors import InvalidRequest, NotReady
+    from sdgate.imaging import encode
+    from sdgate.schemas import GenerationRequest, resolve_request
+
+    # 1. check inputs before loading anything
+    try:
+        request = GenerationRequest(**body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise InvalidRequest(
+            f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
+        ) from None
+    engine = Engine(settings.model_copy(update={"warmup": False}))
+    engine.start()
+    try:
+        # 2. load
+        with tqdm(desc=f"loading {settings.model}", bar_format="{desc} {elapsed}", file=sys.stderr) as bar:
+            if not engine.wait_ready():
+                raise NotReady(engine.load_error or "the model could not be loaded")
+            bar.update()
+        params = resolve_request(request, settings, engine.defaults)
+        # 3. run
+        bar = tqdm(total=params.num_inference_steps, desc="generating", unit="step", file=sys.stderr)
+        lock = threading.Lock()
+
+        def progress(step: int, total: int) -> None:
+            with lock:
+                bar.update(step - bar.n)
+
+        result = engine.submit(params, progress).result()
+        bar.close()
+    finally:
+        engine.close()
+    # 4. encode and write
+    paths = _output_paths(output, len(result.images))
+    for path, img in zip(paths, result.images, strict=True):
+        meta = {**params.public(), "seed": img.seed, "model": settings.model}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(img.image, params.output_format, params.quality, meta).data)
+    return [(p, img.seed) for p, img in zip(paths, result.images, strict=True)]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,129 @@
+"""One settings object for the whole service.
+
+Every field is an ``SDGATE_*`` environment variable and a ``sdgate serve`` flag. The object is
+built once at the entry point and passed in; nothing reads the environment behind its back.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda", "mps"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+BackendName = Literal["local", "sagemaker", "http"]
+StorageName = Literal["local", "s3"]
+ImageFormat = Literal["jpeg", "png", "webp"]
+
+
+def _default_data_dir() -> Path:
+    return Path.home() / ".sdgate"
+
+
+class Settings(BaseSettings):
+    """sdgate's configuration; checked when constructed."""
+
+    model_config = SettingsConfigDict(env_prefix="SDGATE_", extra="forbid", validate_default=True)
+
+    # -- server ---------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    data_dir: Path = Field(default_factory=_default_data_dir, description="All state lives here.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # -- model / engine -------------------------------------------------------------------------
+    model: str = Field(
+        "tiny",
+        description="Built-in model name, Hugging Face model id, local pipeline directory, "
+        "or a single-file .safetensors/.ckpt checkpoint.",
+    )
+    device: Device = Field("auto", description="auto | cpu | cuda | mps.")
+    dtype: DType = Field("auto", description="auto (fp16 on CUDA, fp32 elsewhere) | float32 | float16 | bfloat16.")
+    max_batch_size: int = Field(8, ge=1, le=64, description="Most images in one pipeline call.")
+    max_batch_wait_ms: float = Field(
+        5.0, ge=0, le=10_000, description="How long the engine waits for more requests to batch."
+    )
+    single_file_config: str | None = Field(
+        None,
+        description="Diffusers config (hub id or directory) for a single-file checkpoint; needed offline.",
+    )
+    warmup: bool = Field(True, description="Run one short generation at start so the first request is fast.")
+    default_steps: int | None = Field(
+        None, ge=1, le=150, description="Steps when a request names none (default: the model's own)."
+    )
+    default_guidance_scale: float | None = Field(
+        None, ge=0, le=30, description="Guidance when a request names none (default: the model's own)."
+    )
+
+    # -- backend --------------------------------------------------------------------------------
+    backend: BackendName = Field("local", description="Where generations run: local | sagemaker | http.")
+    sagemaker_endpoint: str | None = Field(None, description="SageMaker endpoint name (backend sagemaker).")
+    sagemaker_region: str | None = Field(None, description="AWS region of the endpoint (default: AWS chain).")
+    backend_url: str | None = Field(None, description="Base URL of another sdgate / JumpStart server (backend http).")
+    backend_timeout_s: float = Field(300.0, gt=0, description="Timeout for one remote generation.")
+
+    # -- limits ---------------------------------------------------------------------------------
+    max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width*height a request may ask for.")
+    max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted.")
+    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
+
+    # -- images and storage ---------------------------------------------------------------------
+    storage: StorageName = Field("local", description="Where images go: local | s3.")
+    output_format: ImageFormat = Field("jpeg", description="Default image format.")
+    jpeg_quality: int = Field(90, ge=1, le=100, description="Default JPEG/WebP quality.")
+    public_base_url: str | None = Field(
+        None, description="Base of image URLs (a CDN domain); default: this server's /images/."
+    )
+    s3_bucket: str | None = Field(None, description="S3 bucket (storage s3).")
+    s3_prefix: str = Field("", description="Key prefix inside the bucket.")
+    s3_presign_expiry_s: int = Field(
+        3600, ge=1, le=7 * 24 * 3600, description="Lifetime of presigned URLs when no public base URL is set."
+    )
+    s3_cache_control: str = Field("public, max-age=31536000, immutable", description="Cache-Control of objects.")
+
+    # -- SageMaker container mode ---------------------------------------------------------------
+    sagemaker: bool = Field(False, description="SageMaker container defaults: 0.0.0.0:8080, model from /opt/ml/model.")
+
+    @field_validator("public_base_url", "backend_url")
+    @classmethod
+    def _strip_slash(cls, v: str | None) -> str | None:
+        if v is None or v == "":
+            return None
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"must start with http:// or https://, got {v!r}")
+        return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.backend == "sagemaker" and not self.sagemaker_endpoint:
+            raise ValueError("backend 'sagemaker' needs SDGATE_SAGEMAKER_ENDPOINT (the endpoint name)")
+        if self.backend == "http" and not self.backend_url:
+            raise ValueError("backend 'http' needs SDGATE_BACKEND_URL (e.g. http://127.0.0.1:8080)")
+        if self.storage == "s3" and not self.s3_bucket:
+            raise ValueError("storage 's3' needs SDGATE_S3_BUCKET")
+        if self.s3_prefix.startswith("/") or ".." in self.s3_prefix.split("/"):
+            raise ValueError(f"s3_prefix must be a relative key prefix, got {self.s3_prefix!r}")
+        return self
+
+    def with_sagemaker_defaults(self, explicitly_set: set[str]) -> Settings:
+        """SageMaker's container contract: listen on 0.0.0.0:8080, model from /opt/ml/model if present."""
+        update: dict[str, object] = {}
+        if "host" not in explicitly_set:
+            update["host"] = "0.0.0.0"
+        if "port" not in explicitly_set:
+            update["port"] = 8080
+        if "model" not in explicitly_set and Path("/opt/ml/model").is_dir():
+            update["model"] = "/opt/ml/model"
+        return self.model_copy(update=update)
+
+    @property
+    def images_dir(self) -> Path:
+        return self.data_dir / "images"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"

@@ -1,0 +1,134 @@
+"""Load any diffusers text-to-image pipeline: built-in name, hub id, local directory or single file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sdgate.engine.builtin import BUILTIN_MODELS, ensure_builtin
+from sdgate.schemas import ModelDefaults
+
+log = logging.getLogger("sdgate.engine")
+
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# A key that only SDXL checkpoints (in the original single-file layout) carry: the second text encoder.
+_SDXL_KEY_PREFIX = "conditioner.embedders.1."
+
+
+# Loading prints progress bars and advice users cannot act on; keep the server log readable.
+for _var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+    os.environ.setdefault(_var, "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the message says which and why."""
+
+
+@dataclass
+class LoadedModel:
+    pipeline: Any
+    name: str
+    device: str
+    dtype: Any
+    defaults: ModelDefaults
+
+
+def pick_device(requested: str) -> str:
+    import torch
+
+    if requested != "auto":
+        if requested == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("device 'cuda' requested but no CUDA device is available")
+        if requested == "mps" and not torch.backends.mps.is_available():
+            raise ModelLoadError("device 'mps' requested but MPS is not available")
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(requested: str, device: str) -> Any:
+    import torch
+
+    if requested == "auto":
+        return torch.float16 if device == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[requested]
+
+
+def single_file_kind(path: Path) -> str:
+    """'sdxl' or 'sd' for an original-layout checkpoint, decided by its keys."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    else:
+        import torch
+
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        keys = list(state.keys())
+    return "sdxl" if any(k.startswith(_SDXL_KEY_PREFIX) for k in keys) else "sd"
+
+
+def model_defaults(name: str, pipe: Any) -> ModelDefaults:
+    """Native size from the UNet and VAE configs; turbo models run in few steps without guidance."""
+    scale = int(getattr(pipe, "vae_scale_factor", 8))
+    sample = getattr(pipe.unet.config, "sample_size", 64)
+    side = int(sample if isinstance(sample, int) else sample[0]) * scale
+    if name in BUILTIN_MODELS:
+        return ModelDefaults(width=side, height=side, num_inference_steps=4, guidance_scale=7.5)
+    if "turbo" in name.lower():
+        return ModelDefaults(width=side, height=side, num_inference_steps=4, guidance_scale=0.0)
+    return ModelDefaults(width=side, height=side, num_inference_steps=30, guidance_scale=7.5)
+
+
+def load_model(
+    spec: str, *, device: str, dtype: str, models_dir: Path, single_file_config: str | None = None
+) -> LoadedModel:
+    """Steps: resolve the spec → choose device/dtype → load → move → configure."""
+    import torch  # noqa: F401  (fail early and clearly if the engine extra is missing)
+    from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    # 1. device and dtype
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+
+    # 2. resolve and load
+    path = Path(spec).expanduser()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            if spec in BUILTIN_MODELS:
+                pipe = AutoPipelineForText2Image.from_pretrained(str(ensure_builtin(spec, models_dir)), **kwargs)
+            elif path.is_file():
+                if path.suffix not in SINGLE_FILE_SUFFIXES:
+                    raise ModelLoadError(f"{spec}: a single-file checkpoint must end in .safetensors or .ckpt")
+                cls = StableDiffusionXLPipeline if single_file_kind(path) == "sdxl" else StableDiffusionPipeline
+                if single_file_config:
+                    kwargs["config"] = single_file_config
+                pipe = cls.from_single_file(str(path), **kwargs)
+            elif path.is_dir():
+                pipe = AutoPipelineForText2Image.from_pretrained(str(path), **kwargs)
+            elif spec.startswith(("/", "./", "../", "~")) or spec.endswith(SINGLE_FILE_SUFFIXES):
+                raise ModelLoadError(f"model path {spec} does not exist")
+            else:
+                pipe = AutoPipelineForText2Image.from_pretrained(spec, **kwargs)
+    except ModelLoadError:
+        raise
+    except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, ... for bad models
+        raise ModelLoadError(f"could not load model {spec!r}: {type(e).__name__}: {e}") from e
+
+    # 3. move and configure
+    pipe = pipe.to(dev)
+    pipe.set_progress_bar_config(disable=True)
+    log.info("loaded model %s (%s) on %s as %s", spec, type(pipe).__name__, dev, torch_dtype)
+    return LoadedModel(pipeline=pipe, name=spec, device=dev, dtype=torch_dtype, defaults=model_defaults(spec, pipe))

@@ -1,0 +1,367 @@
+"""The engine: one thread owns the pipeline; requests reach it through a queue and are batched.
+
+Why one thread: running the pipeline from a web server's thread pool, as most tutorials do, lets
+every thread bring its own OpenMP team; on two cores under eight clients that halves throughput.
+Why batching: requests that share size, steps, guidance and scheduler can run as one pipeline
+call. Each image keeps its own generator, so an image is the same batched or alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdgate.config import Settings
+from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
+from sdgate.schemas import GeneratedImage, GenerationParams, ModelDefaults
+
+log = logging.getLogger("sdgate.engine")
+
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass
+class EngineResult:
+    images: list[GeneratedImage]
+    queue_ms: float
+    inference_ms: float
+    batch_images: int
+
+
+@dataclass
+class EngineTask:
+    params: GenerationParams
+    future: Future[EngineResult]
+    progress: ProgressFn | None
+    cancel: threading.Event
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class EngineStats:
+    """Counters the tests and /metrics read. ``pipeline_calls`` < ``requests`` means batching worked."""
+
+    requests: int = 0
+    pipeline_calls: int = 0
+    images: int = 0
+    failures: int = 0
+    canceled: int = 0
+    batch_sizes: collections.Counter[int] = field(default_factory=collections.Counter)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "pipeline_calls": self.pipeline_calls,
+            "images": self.images,
+            "failures": self.failures,
+            "canceled": self.canceled,
+            "batch_sizes": dict(sorted(self.batch_sizes.items())),
+        }
+
+
+class _StopBatch(Exception):
+    """Raised from the step callback when every task of a batch was canceled."""
+
+
+class Engine:
+    """Loads the model on its own thread, then serves batches of tasks until closed."""
+
+    def __init__(self, settings: Settings, loader: Callable[[], Any] | None = None):
+        self.settings = settings
+        self._loader = loader or self._load
+        self._pending: collections.deque[EngineTask] = collections.deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._stats_lock = threading.Lock()
+        self._last_batch_images = 1
+        self.stats = EngineStats()
+        self.state = "loading"  # loading | ready | failed | closed
+        self.load_error: str | None = None
+        self.model_name = settings.model
+        self.defaults = ModelDefaults()
+        self.device = "unknown"
+        self._ready = threading.Event()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="sdgate-engine", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.state == "ready"
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_pending(NotReady("the server is shutting down"))
+        self.state = "closed"
+
+    # -- submission -----------------------------------------------------------------------------
+
+    def submit(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> Future[EngineResult]:
+        """Queue a generation; the future resolves with the images or the error. Thread-safe."""
+        task = EngineTask(params, Future(), progress, cancel or threading.Event())
+        with self._cond:
+            if self._closing or self.state == "failed":
+                task.future.set_exception(NotReady(f"the model is not available: {self.load_error or 'closing'}"))
+                return task.future
+            self._pending.append(task)
+            self._cond.notify_all()
+        return task.future
+
+    def queue_depth(self) -> int:
+        with self._cond:
+            return len(self._pending)
+
+    # -- the engine thread ----------------------------------------------------------------------
+
+    def _load(self) -> Any:
+        from sdgate.engine.loader import load_model
+
+        return load_model(
+            self.settings.model,
+            device=self.settings.device,
+            dtype=self.settings.dtype,
+            models_dir=self.settings.models_dir,
+            single_file_config=self.settings.single_file_config,
+        )
+
+    def _main(self) -> None:
+        # 1. load
+        try:
+            loaded = self._loader()
+            self._pipe = loaded.pipeline
+            self.defaults = loaded.defaults
+            self.device = loaded.device
+            from sdgate.engine.schedulers import SchedulerCache
+
+            self._schedulers = SchedulerCache(self._pipe)
+        except Exception as e:
+            log.error("model load failed: %s", e, exc_info=not isinstance(e, ImportError))
+            self.load_error = str(e)
+            self.state = "failed"
+            self._ready.set()
+            self._fail_pending(NotReady(f"the model could not be loaded: {e}"))
+            return
+        # 2. warm up, so that the first real request does not pay for lazy initialisation
+        if self.settings.warmup:
+            t0 = time.perf_counter()
+            try:
+                self._call_pipeline(
+                    prompts=["warm-up"],
+                    negatives=[""],
+                    seeds=[0],
+                    width=min(self.defaults.width, 256),
+                    height=min(self.defaults.height, 256),
+                    steps=1,
+                    guidance=self.defaults.guidance_scale,
+                    scheduler=None,
+                    on_step=None,
+                )
+                log.info("warm-up took %.0f ms", (time.perf_counter() - t0) * 1000)
+            except Exception:
+                log.warning("warm-up generation failed", exc_info=True)
+        self.state = "ready"
+        self._ready.set()
+        # 3. serve batches until closed
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            self._run_batch(batch)
+
+    def _next_batch(self) -> list[EngineTask] | None:
+        """Take the oldest task and every queued task that can share its pipeline call.
+
+        Waits up to ``max_batch_wait_ms`` for more only while the last batch showed concurrency
+        (more than one image), so a lone client never pays the wait.
+        """
+        max_images = self.settings.max_batch_size
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if self._closing:
+                return None
+            first = self._pending[0]
+            key = first.params.batch_key()
+            target = min(max_images, max(self._last_batch_images, first.params.num_images))
+            deadline = time.perf_counter() + self.settings.max_batch_wait_ms / 1000
+            while True:
+                chosen: list[EngineTask] = []
+                images = 0
+                for task in self._pending:
+                    if task.params.batch_key() != key:
+                        continue
+                    if chosen and images + task.params.num_images > max_images:
+                        continue
+                    chosen.append(task)
+                    images += task.params.num_images
+                remaining = deadline - time.perf_counter()
+                if images >= target or remaining <= 0 or self._closing:
+                    break
+                self._cond.wait(remaining)
+            for task in chosen:
+                self._pending.remove(task)
+        self._last_batch_images = images
+        return chosen
+
+    def _run_batch(self, batch: list[EngineTask]) -> None:
+        start = time.perf_counter()
+        live = [t for t in batch if not t.cancel.is_set() and t.future.set_running_or_notify_cancel()]
+        for t in batch:
+            if t not in live and not t.future.done():
+                t.future.set_exception(Canceled("the job was canceled"))
+        with self._stats_lock:
+            self.stats.requests += len(batch)
+            self.stats.canceled += len(batch) - len(live)
+        if not live:
+            return
+        p = live[0].params
+        prompts, negatives, seeds = [], [], []
+        for t in live:
+            for seed in t.params.seeds:
+                prompts.append(t.params.prompt)
+                negatives.append(t.params.negative_prompt or "")
+                seeds.append(seed)
+
+        def on_step(step: int, total: int) -> None:
+            # Cancel is per task: a canceled task is answered now, its rows finish unused,
+            # the others in the batch go on. Only when all are canceled does the call stop.
+            for t in live:
+                if t.cancel.is_set() and not t.future.done():
+                    t.future.set_exception(Canceled("the job was canceled"))
+                elif t.progress is not None and not t.future.done():
+                    try:
+                        t.progress(step, total)
+                    except Exception:
+                        log.warning("progress callback failed", exc_info=True)
+            if all(t.future.done() for t in live):
+                raise _StopBatch
+
+        try:
+            images = self._call_pipeline(
+                prompts=prompts,
+                negatives=negatives,
+                seeds=seeds,
+                width=p.width,
+                height=p.height,
+                steps=p.num_inference_steps,
+                guidance=p.guidance_scale,
+                scheduler=p.scheduler,
+                on_step=on_step,
+            )
+        except _StopBatch:
+            with self._stats_lock:
+                self.stats.pipeline_calls += 1
+                self.stats.canceled += len(live)
+            return
+        except Exception as e:
+            error_id = new_error_id()
+            log.error("generation failed (error id %s)", error_id, exc_info=e)
+            hint = ""
+            if "out of memory" in str(e).lower():
+                hint = " — the device ran out of memory; try a smaller size or fewer images"
+            err = GenerationFailed(f"the model failed to generate (error id {error_id}){hint}")
+            with self._stats_lock:
+                self.stats.pipeline_calls += 1
+                self.stats.failures += len(live)
+            for t in live:
+                if not t.future.done():
+                    t.future.set_exception(err)
+            return
+        inference_ms = (time.perf_counter() - start) * 1000
+        with self._stats_lock:
+            self.stats.pipeline_calls += 1
+            self.stats.images += len(images)
+            self.stats.batch_sizes[len(images)] += 1
+            for t in live:
+                if t.cancel.is_set():
+                    self.stats.canceled += 1
+        offset = 0
+        for t in live:
+            n = t.params.num_images
+            mine = [
+                GeneratedImage(image=img, seed=s)
+                for img, s in zip(images[offset : offset + n], t.params.seeds, strict=True)
+            ]
+            offset += n
+            if t.future.done():
+                continue
+            if t.cancel.is_set():
+                t.future.set_exception(Canceled("the job was canceled"))
+                continue
+            t.future.set_result(
+                EngineResult(
+                    images=mine,
+                    queue_ms=(start - t.enqueued) * 1000,
+                    inference_ms=inference_ms,
+                    batch_images=len(images),
+                )
+            )
+
+    def _call_pipeline(
+        self,
+        *,
+        prompts: list[str],
+        negatives: list[str],
+        seeds: list[int],
+        width: int,
+        height: int,
+        steps: int,
+        guidance: float,
+        scheduler: str | None,
+        on_step: ProgressFn | None,
+    ) -> list[Any]:
+        import torch
+
+        pipe = self._pipe
+        pipe.scheduler = self._schedulers.get(scheduler)
+        # CPU generators: the same seed gives the same starting noise on every device.
+        generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        kwargs: dict[str, Any] = {}
+        if on_step is not None:
+
+            def callback(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+                on_step(i + 1, steps)
+                return tensors
+
+            kwargs["callback_on_step_end"] = callback
+        with torch.inference_mode():
+            out = pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                width=width,
+                height=height,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=generators,
+                output_type="pil",
+                **kwargs,
+            )
+        images: list[Any] = list(out.images)
+        return images
+
+    def _fail_pending(self, err: Exception) -> None:
+        with self._cond:
+            pending = list(self._pending)
+            self._pending.clear()
+        for task in pending:
+            if not task.future.done():
+                task.future.set_exception(err)

@@ -1,0 +1,264 @@
+"""Request and response models shared by every API surface.
+
+Field names follow diffusers' ``__call__`` (``prompt``, ``negative_prompt``, ``num_inference_steps``, ...).
+Static ranges live on the fields; limits that depend on settings (``max_pixels``, prompt length) are
+checked by :func:`resolve_request`, before any model work.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sdgate.config import ImageFormat, Settings
+from sdgate.errors import InvalidRequest
+
+SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "unipc")
+MIN_SIDE, MAX_SIDE = 64, 2048
+MAX_SEED = 2**32 - 1
+
+
+def check_side(name: str, value: int) -> int:
+    """Width/height: a multiple of 8 within 64..2048, with a hint when it is not."""
+    if value < MIN_SIDE or value > MAX_SIDE:
+        raise ValueError(f"{name} must be between {MIN_SIDE} and {MAX_SIDE}, got {value}")
+    if value % 8:
+        lower = value - value % 8
+        raise ValueError(f"{name} must be a multiple of 8, got {value} — try {max(lower, MIN_SIDE)} or {lower + 8}")
+    return value
+
+
+class GenerationRequest(BaseModel):
+    """Body of ``POST /v1/generations``."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
+
+    prompt: str = Field(..., description="What to draw.", examples=["a red fox in the snow"])
+    negative_prompt: str | None = Field(None, description="What to avoid.")
+    width: int | None = Field(None, description="Multiple of 8, 64..2048 (default: the model's native size).")
+    height: int | None = Field(None, description="Multiple of 8, 64..2048 (default: the model's native size).")
+    num_inference_steps: int | None = Field(None, ge=1, le=150, description="Denoising steps.")
+    guidance_scale: float | None = Field(None, ge=0, le=30, description="Classifier-free guidance scale.")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed of the first image; image i uses seed + i. Random if absent.",
+    )
+    num_images: int = Field(1, ge=1, le=64, description="How many images (each with its own seed).")
+    scheduler: str | None = Field(None, description=f"One of {', '.join(SCHEDULER_NAMES)}.")
+    output_format: ImageFormat | None = Field(None, description="jpeg | png | webp.")
+    quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality.")
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("prompt must not be empty")
+        return v
+
+    @field_validator("width", "height")
+    @classmethod
+    def _side(cls, v: int | None, info: Any) -> int | None:
+        return None if v is None else check_side(info.field_name, v)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        name = v.strip().lower()
+        if name not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {v!r}; valid: {', '.join(SCHEDULER_NAMES)}")
+        return name
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    """What a model uses when a request leaves a field out."""
+
+    width: int = 512
+    height: int = 512
+    num_inference_steps: int = 30
+    guidance_scale: float = 7.5
+    scheduler: str | None = None
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """A fully resolved, validated request: every field set, one seed per image."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    scheduler: str | None
+    output_format: ImageFormat
+    quality: int
+
+    @property
+    def num_images(self) -> int:
+        return len(self.seeds)
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call."""
+        return (self.width, self.height, self.num_inference_steps, self.guidance_scale, self.scheduler)
+
+    def public(self) -> dict[str, Any]:
+        """Parameters as embedded in the image file and its sidecar."""
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "width": self.width,
+            "height": self.height,
+            "num_inference_steps": self.num_inference_steps,
+            "guidance_scale": self.guidance_scale,
+            "scheduler": self.scheduler,
+        }
+
+
+def resolve_request(req: GenerationRequest, settings: Settings, defaults: ModelDefaults) -> GenerationParams:
+    """Apply settings-dependent limits and defaults. Raises :class:`InvalidRequest` naming the field."""
+    # 1. limits that depend on settings
+    if len(req.prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"prompt is {len(req.prompt)} characters; the limit is {settings.max_prompt_chars}",
+            field="prompt",
+        )
+    if req.negative_prompt is not None and len(req.negative_prompt) > settings.max_prompt_chars:
+        raise InvalidRequest(
+            f"negative_prompt is {len(req.negative_prompt)} characters; the limit is {settings.max_prompt_chars}",
+            field="negative_prompt",
+        )
+    if req.num_images > settings.max_images:
+        raise InvalidRequest(
+            f"num_images must be at most {settings.max_images}, got {req.num_images}", field="num_images"
+        )
+    # 2. defaults
+    width = req.width or defaults.width
+    height = req.height or defaults.height
+    if width * height > settings.max_pixels:
+        raise InvalidRequest(
+            f"width*height is {width * height} pixels; the limit is {settings.max_pixels} "
+            f"(e.g. {int(settings.max_pixels**0.5) // 8 * 8}x{int(settings.max_pixels**0.5) // 8 * 8})",
+            field="width" if req.width else "height",
+        )
+    steps = req.num_inference_steps or settings.default_steps or defaults.num_inference_steps
+    guidance = req.guidance_scale
+    if guidance is None:
+        guidance = (
+            settings.default_guidance_scale if settings.default_guidance_scale is not None else defaults.guidance_scale
+        )
+    # 3. one seed per image, so that any image can be reproduced alone
+    first = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - 64)
+    seeds = tuple((first + i) % (MAX_SEED + 1) for i in range(req.num_images))
+    fmt = req.output_format or settings.output_format
+    return GenerationParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=float(guidance),
+        seeds=seeds,
+        scheduler=req.scheduler or defaults.scheduler,
+        output_format=fmt,
+        quality=req.quality or settings.jpeg_quality,
+    )
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+class JobStatus(StrEnum):
+    """Lifecycle of a generation; sync requests are jobs too."""
+
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    canceled = "canceled"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)
+
+
+class ImageResult(BaseModel):
+    url: str
+    seed: int
+    width: int
+    height: int
+    content_type: str
+    bytes: int
+
+
+class Timings(BaseModel):
+    """Milliseconds spent in each stage."""
+
+    queue: float = 0.0
+    inference: float = 0.0
+    encode: float = 0.0
+    store: float = 0.0
+    total: float = 0.0
+
+
+class ErrorInfo(BaseModel):
+    type: str
+    message: str
+
+
+class Progress(BaseModel):
+    step: int = 0
+    total_steps: int = 0
+
+
+class GenerationResponse(BaseModel):
+    """A generation job as the native API shows it."""
+
+    id: str
+    status: JobStatus
+    model: str
+    created: int
+    images: list[ImageResult] = Field(default_factory=list)
+    timings: Timings = Field(default_factory=Timings)
+    progress: Progress = Field(default_factory=Progress)
+    error: ErrorInfo | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    backend: str
+    ready: bool
+    default_width: int
+    default_height: int
+    default_steps: int
+    default_guidance_scale: float
+    schedulers: list[str]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    error: dict[str, Any]
+
+
+@dataclass
+class GeneratedImage:
+    """One image out of a backend: pixels, and the encoded bytes when the backend already has them."""
+
+    image: Any  # PIL.Image.Image; typed loosely so that this module does not import PIL
+    seed: int
+    encoded: bytes | None = None
+    encoded_format: ImageFormat | None = None
+    extra: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,81 @@
+"""Start real sdgate processes on loopback ports for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    data_dir: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        """kill -9: no cleanup, as in a crash."""
+        self.stop(signal.SIGKILL)
+
+
+def start_server(
+    data_dir: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    ready: bool = True,
+    timeout: float = 120,
+) -> ServerProcess:
+    """Run ``sdgate serve`` on a free loopback port and wait for /readyz (or /healthz when ``ready`` is False)."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir / f"server-{port}.log"
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
+    full_env.update({"SDGATE_DATA_DIR": str(data_dir), "SDGATE_HOST": "127.0.0.1", "SDGATE_PORT": str(port)})
+    full_env.update(env or {})
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sdgate.cli", "serve", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
+    server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, data_dir, log_path)
+    path = "/readyz" if ready else "/healthz"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"sdgate exited with {proc.returncode}:\n{server.log()}")
+        try:
+            if httpx.get(server.url + path, timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise RuntimeError(f"sdgate did not become ready in {timeout}s:\n{server.log()}")
