@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from sdgate.backends import Backend
 from sdgate.config import Settings
 from sdgate.errors import NotFound, NotReady, SdgateError
-from sdgate.imaging import encode
+from sdgate.imaging import CONTENT_TYPES, EXTENSIONS, encode
 from sdgate.schemas import (
     ErrorInfo,
     GeneratedImage,
@@ -126,20 +126,21 @@ class JobRunner:
         results = []
         for img in generated:
             t0 = time.perf_counter()
-            meta = {**p.public(), "seed": img.seed, "model": job.model, "job_id": job.id}
+            # No job id in the file: the same request and seed give byte-identical images.
+            meta = {**p.public(), "seed": img.seed, "model": job.model}
             if img.encoded is not None and img.encoded_format == p.output_format:
                 data, width, height = img.encoded, img.image.width, img.image.height
             else:
                 enc = encode(img.image, p.output_format, p.quality, meta)
                 data, width, height = enc.data, enc.width, enc.height
-            from sdgate.imaging import CONTENT_TYPES, EXTENSIONS
-
             content_type = CONTENT_TYPES[p.output_format]
             t1 = time.perf_counter()
             key = new_key(EXTENSIONS[p.output_format])
             # The image first, then its sidecar: a sidecar never describes a missing image.
             stored = self.storage.put(data, key, content_type)
-            sidecar = json.dumps({**meta, "key": key, "content_type": content_type, "bytes": len(data)}).encode()
+            sidecar = json.dumps(
+                {**meta, "job_id": job.id, "key": key, "content_type": content_type, "bytes": len(data)}
+            ).encode()
             self.storage.put(sidecar, key.rsplit(".", 1)[0] + ".json", "application/json")
             t2 = time.perf_counter()
             encode_s += t1 - t0
