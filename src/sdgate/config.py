@@ -19,6 +19,23 @@ StorageName = Literal["local", "s3"]
 ImageFormat = Literal["jpeg", "png", "webp"]
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> float:
+    """'3600', '90s', '15m', '12h', '7d', '2w' → seconds."""
+    t = text.strip().lower()
+    unit = _UNITS.get(t[-1:]) if t else None
+    number = t[:-1] if unit else t
+    try:
+        value = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"not a duration: {text!r} (try 3600, 15m, 12h or 7d)") from None
+    if value <= 0:
+        raise ValueError(f"duration must be positive, got {text!r}")
+    return value
+
+
 def _default_data_dir() -> Path:
     return Path.home() / ".sdgate"
 
@@ -71,6 +88,25 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
 
+    # -- jobs -----------------------------------------------------------------------------------
+    queue_size: int = Field(64, ge=1, le=100_000, description="Most jobs waiting to run; beyond that 429.")
+    sync_timeout: float = Field(
+        60.0, gt=0, description="Seconds a sync request waits before it answers 202 with its job instead."
+    )
+    max_concurrency: int = Field(
+        8, ge=1, le=1024, description="Most generations in flight to a remote backend at once."
+    )
+    retention: str | None = Field(
+        None, description="Delete jobs and images older than this (e.g. 7d, 12h, 3600); off when unset."
+    )
+    webhook_secret: str | None = Field(None, description="HMAC-SHA256 key that signs webhook deliveries.")
+    webhook_allow: str = Field(
+        "",
+        description="Comma-separated hosts/CIDRs webhooks may reach besides public addresses ('*' for any).",
+    )
+    webhook_max_attempts: int = Field(5, ge=1, le=20, description="Delivery attempts per webhook.")
+    webhook_backoff_s: float = Field(1.0, ge=0, le=600, description="First retry delay; doubles each attempt.")
+
     # -- images and storage ---------------------------------------------------------------------
     storage: StorageName = Field("local", description="Where images go: local | s3.")
     output_format: ImageFormat = Field("jpeg", description="Default image format.")
@@ -96,6 +132,18 @@ class Settings(BaseSettings):
         if not v.startswith(("http://", "https://")):
             raise ValueError(f"must start with http:// or https://, got {v!r}")
         return v.rstrip("/")
+
+    @field_validator("retention")
+    @classmethod
+    def _retention(cls, v: str | None) -> str | None:
+        if v is None or v.strip() in ("", "0", "off"):
+            return None
+        parse_duration(v)
+        return v.strip()
+
+    @property
+    def retention_s(self) -> float | None:
+        return None if self.retention is None else parse_duration(self.retention)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Settings:

@@ -1,25 +1,44 @@
-"""Jobs: every generation, sync or not, is a job that runs backend → encode → store.
+"""Jobs: every generation, sync or async, is a durable job that runs backend → encode → store.
 
-The runner is the middle layer between transport (HTTP) and worker (backend): it owns the job's
-state machine (:class:`JobStatus`), its progress and its timings. A failed generation is data on
+The runner is the middle layer between transport (HTTP) and worker (backend). It owns the job
+state machine (``queued → running → succeeded | failed | canceled``), the bounded queue, progress
+events, cancel, webhooks, recovery after a crash and retention. A failed generation is data on
 the job; the API decides how to show it.
+
+Invariants:
+- a job is recorded before it is acknowledged, and every recorded job reaches a terminal state,
+  also across a crash and restart;
+- its images are stored before it says ``succeeded``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
 import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
+from typing import Any
 
 from sdgate.backends import Backend
 from sdgate.config import Settings
-from sdgate.errors import NotFound, NotReady, SdgateError
+from sdgate.errors import (
+    Busy,
+    Conflict,
+    GenerationFailed,
+    InvalidRequest,
+    NotFound,
+    NotReady,
+    SdgateError,
+    new_error_id,
+)
 from sdgate.imaging import CONTENT_TYPES, EXTENSIONS, encode
+from sdgate.jobstore import JobRecord, JobStore
 from sdgate.schemas import (
     ErrorInfo,
     GeneratedImage,
@@ -29,54 +48,282 @@ from sdgate.schemas import (
     JobStatus,
     Progress,
     Timings,
+    WebhookStatus,
 )
 from sdgate.storage import Storage, new_key
+from sdgate.webhooks import WebhookNotAllowed, check_url, deliver
 
 log = logging.getLogger("sdgate.jobs")
 
-_KEEP_IN_MEMORY = 1000
+# A job that was running when the process died is run once more; a second interruption fails it.
+MAX_ATTEMPTS = 2
+
+
+def request_hash(body: dict[str, Any]) -> str:
+    """Fingerprint of a request body, for idempotency: same key + same body → same job."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def params_to_dict(params: GenerationParams) -> dict[str, Any]:
+    d = dataclasses.asdict(params)
+    d["seeds"] = list(params.seeds)
+    return d
+
+
+def params_from_dict(d: dict[str, Any]) -> GenerationParams:
+    return GenerationParams(**{**d, "seeds": tuple(d["seeds"])})
 
 
 @dataclass
-class Job:
-    id: str
-    params: GenerationParams
-    model: str
-    created: float = field(default_factory=time.time)
-    status: JobStatus = JobStatus.queued
-    images: list[ImageResult] = field(default_factory=list)
-    timings: Timings = field(default_factory=Timings)
-    progress: Progress = field(default_factory=Progress)
-    error: SdgateError | None = None
-    cancel: threading.Event = field(default_factory=threading.Event)
+class Event:
+    """One server-sent event: its name and the job as JSON."""
 
-    def to_response(self) -> GenerationResponse:
-        return GenerationResponse(
-            id=self.id,
-            status=self.status,
-            model=self.model,
-            created=int(self.created),
-            images=self.images,
-            timings=self.timings,
-            progress=self.progress,
-            error=ErrorInfo(type=self.error.type, message=self.error.message) if self.error else None,
-        )
+    name: str
+    data: dict[str, Any]
+
+    def encode(self) -> bytes:
+        return f"event: {self.name}\ndata: {json.dumps(self.data, separators=(',', ':'))}\n\n".encode()
+
+
+@dataclass
+class LiveJob:
+    """A job while it is queued or running (and until its webhook is delivered)."""
+
+    record: JobRecord
+    params: GenerationParams
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    step: int = 0
+    total_steps: int = 0
+    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
 
 
 class JobRunner:
-    """Runs jobs to a terminal state and remembers recent ones."""
+    """Accepts, runs, tracks and finishes jobs."""
 
-    def __init__(self, settings: Settings, backend: Backend, storage: Storage):
+    def __init__(self, settings: Settings, backend: Backend, storage: Storage, store: JobStore):
         self.settings = settings
         self.backend = backend
         self.storage = storage
-        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.store = store
+        self._live: dict[str, LiveJob] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._slots = asyncio.Semaphore(settings.max_concurrency)
+        self._recent_ms: list[float] = []
 
-    def get(self, job_id: str) -> Job:
-        job = self._jobs.get(job_id)
-        if job is None:
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a previous process left unfinished, then start the retention sweep."""
+        self._loop = asyncio.get_running_loop()
+        self._recover()
+        if self.settings.retention_s:
+            self._spawn(self._retention_loop(self.settings.retention_s))
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        # Whatever was still queued or running stays so in the store and is recovered at next start.
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task: asyncio.Task[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _recover(self) -> None:
+        for record in self.store.unfinished():
+            if record.status == JobStatus.running and record.attempts >= MAX_ATTEMPTS:
+                record.status = JobStatus.failed
+                record.error = {
+                    "type": "interrupted",
+                    "message": "the server stopped twice while running this job; not retried again",
+                }
+                record.finished = time.time()
+                self.store.save(record)
+                log.warning("job %s interrupted twice; failed", record.id)
+                continue
+            record.status = JobStatus.queued
+            self.store.save(record)
+            live = LiveJob(record=record, params=params_from_dict(record.params))
+            self._live[record.id] = live
+            self._spawn(self._execute(live))
+            log.info("job %s recovered and re-queued (attempts so far: %d)", record.id, record.attempts)
+
+    # -- accepting ------------------------------------------------------------------------------
+
+    def queued_count(self) -> int:
+        return sum(1 for j in self._live.values() if j.record.status == JobStatus.queued)
+
+    def _retry_after(self) -> str:
+        avg_ms = sum(self._recent_ms) / len(self._recent_ms) if self._recent_ms else 1000.0
+        waves = self.queued_count() / max(1, self.settings.max_batch_size)
+        return str(max(1, round(avg_ms * waves / 1000)))
+
+    def check_webhook(self, url: str | None) -> None:
+        if url is None:
+            return
+        try:
+            check_url(url, self.settings.webhook_allow)
+        except WebhookNotAllowed as e:
+            raise InvalidRequest(str(e), field="webhook_url") from None
+
+    def submit(
+        self,
+        params: GenerationParams,
+        *,
+        owner: str | None = None,
+        idempotency_key: str | None = None,
+        body_hash: str | None = None,
+        webhook_url: str | None = None,
+    ) -> tuple[LiveJob | JobRecord, bool]:
+        """Record and queue a job. Returns (job, created); an idempotent repeat returns the first job."""
+        if idempotency_key is not None:
+            existing = self._find_idempotent(owner, idempotency_key)
+            if existing is not None:
+                return self._idempotent(existing, body_hash), False
+        if self.queued_count() >= self.settings.queue_size:
+            raise Busy(
+                f"the queue is full ({self.settings.queue_size} jobs waiting); retry later",
+                headers={"Retry-After": self._retry_after()},
+            )
+        record = JobRecord(
+            id=uuid.uuid4().hex,
+            status=JobStatus.queued,
+            created=time.time(),
+            params=params_to_dict(params),
+            model=self.backend.model_name,
+            owner=owner,
+            idempotency_key=idempotency_key,
+            request_hash=body_hash,
+            webhook={"url": webhook_url, "delivered": False, "attempts": []} if webhook_url else None,
+        )
+        stored = self.store.insert(record)
+        if stored.id != record.id:  # lost a race with the same key
+            return self._idempotent(stored, body_hash), False
+        live = LiveJob(record=record, params=params)
+        self._live[record.id] = live
+        self._spawn(self._execute(live))
+        return live, True
+
+    def _find_idempotent(self, owner: str | None, key: str) -> JobRecord | None:
+        for live in self._live.values():
+            if live.record.idempotency_key == key and live.record.owner == owner:
+                return live.record
+        return self.store.by_idempotency_key(owner, key)
+
+    def _idempotent(self, record: JobRecord, body_hash: str | None) -> LiveJob | JobRecord:
+        if record.request_hash is not None and body_hash is not None and record.request_hash != body_hash:
+            raise InvalidRequest(
+                "Idempotency-Key was already used with a different request body", field="Idempotency-Key"
+            )
+        return self._live.get(record.id, record)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def find(self, job_id: str, owner: str | None = None) -> LiveJob | JobRecord:
+        """A live job or its record; another owner's job is 404, exactly like a missing one."""
+        live = self._live.get(job_id)
+        record = live.record if live is not None else self.store.get(job_id)
+        if record is None or (owner is not None and record.owner != owner):
             raise NotFound(f"no job {job_id!r}")
+        return live if live is not None else record
+
+    def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[GenerationResponse]:
+        return [self.view(self._live.get(r.id, r)) for r in self.store.list_jobs(owner=owner, limit=limit, before=before)]
+
+    def view(self, job: LiveJob | JobRecord) -> GenerationResponse:
+        """The public form of a job: record fields, plus live progress and queue position."""
+        record = job.record if isinstance(job, LiveJob) else job
+        progress = Progress()
+        queue_position = None
+        if isinstance(job, LiveJob):
+            progress = Progress(step=job.step, total_steps=job.total_steps or job.params.num_inference_steps)
+            if record.status == JobStatus.running and record.started and job.step:
+                per_step = (time.time() - record.started) * 1000 / job.step
+                progress.eta_ms = round(per_step * (progress.total_steps - job.step), 1)
+            if record.status == JobStatus.queued:
+                queue_position = sum(
+                    1
+                    for o in self._live.values()
+                    if o.record.status == JobStatus.queued and o.record.created < record.created
+                )
+        elif record.status == JobStatus.succeeded:
+            steps = int(record.params.get("num_inference_steps", 0))
+            progress = Progress(step=steps, total_steps=steps, eta_ms=0)
+        return GenerationResponse(
+            id=record.id,
+            status=record.status,
+            model=record.model,
+            created=int(record.created),
+            images=[ImageResult(**{k: v for k, v in img.items() if k != "key"}) for img in record.images],
+            timings=Timings(**record.timings),
+            progress=progress,
+            queue_position=queue_position,
+            started=record.started,
+            finished=record.finished,
+            error=ErrorInfo(type=record.error["type"], message=record.error["message"]) if record.error else None,
+            webhook=WebhookStatus(**record.webhook) if record.webhook else None,
+        )
+
+    # -- control --------------------------------------------------------------------------------
+
+    def cancel(self, job_id: str, owner: str | None = None) -> LiveJob | JobRecord:
+        """Cancel a queued job (removed at once) or a running one (stops at the next step)."""
+        job = self.find(job_id, owner)
+        record = job.record if isinstance(job, LiveJob) else job
+        if record.status.is_terminal() or not isinstance(job, LiveJob):
+            raise Conflict(f"job {job_id} already {record.status.value}; nothing to cancel")
+        job.cancel.set()
+        if record.status == JobStatus.queued:
+            # Not started: finish it now; the backend drops it when it reaches it.
+            self._finish(job, JobStatus.canceled, error={"type": "canceled", "message": "canceled by request"})
         return job
+
+    async def wait(self, job: LiveJob | JobRecord, timeout: float) -> bool:
+        """Wait until the job is terminal; False on timeout (the job goes on)."""
+        if not isinstance(job, LiveJob):
+            return job.status.is_terminal()
+        try:
+            await asyncio.wait_for(job.done.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def events(self, job_id: str, owner: str | None = None) -> AsyncIterator[Event]:
+        """The job's events from now on, starting with its current state, ending with the terminal one."""
+        job = self.find(job_id, owner)
+        if not isinstance(job, LiveJob) or job.record.status.is_terminal():
+            record = job.record if isinstance(job, LiveJob) else job
+            yield Event(record.status.value, self.view(job).model_dump(mode="json"))
+            return
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        job.subscribers.add(queue)
+        try:
+            first = "queued" if job.record.status == JobStatus.queued else "started"
+            yield Event(first, self.view(job).model_dump(mode="json"))
+            while True:
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=15)
+                except TimeoutError:
+                    yield Event("", {})  # keep-alive comment
+                    continue
+                yield event
+                if event.name in ("succeeded", "failed", "canceled"):
+                    return
+        finally:
+            job.subscribers.discard(queue)
+
+    def _publish(self, job: LiveJob, name: str) -> None:
+        if not job.subscribers:
+            return
+        event = Event(name, self.view(job).model_dump(mode="json"))
+        for q in job.subscribers:
+            q.put_nowait(event)
 
     async def wait_ready(self, timeout: float) -> None:
         """Hold a request that arrives while the model is still loading, rather than refusing it."""
@@ -87,47 +334,113 @@ class JobRunner:
                 raise NotReady(f"not ready: {detail}", headers={"Retry-After": "5"})
             await asyncio.sleep(0.05)
 
-    def create(self, params: GenerationParams) -> Job:
-        job = Job(id=uuid.uuid4().hex, params=params, model=self.backend.model_name)
-        self._jobs[job.id] = job
-        while len(self._jobs) > _KEEP_IN_MEMORY:
-            self._jobs.popitem(last=False)
-        return job
+    # -- running --------------------------------------------------------------------------------
 
-    async def run(self, job: Job) -> Job:
-        """Steps: generate → encode → store. Returns the job in a terminal state; never raises SdgateError."""
-        t0 = time.perf_counter()
-        job.status = JobStatus.running
-        job.progress = Progress(step=0, total_steps=job.params.num_inference_steps)
+    def _mark_running(self, job: LiveJob) -> None:
+        if job.record.status != JobStatus.queued:
+            return
+        job.record.status = JobStatus.running
+        job.record.started = time.time()
+        job.record.attempts += 1
+        self.store.save(job.record)
+        self._publish(job, "started")
 
-        def on_progress(step: int, total: int) -> None:
-            job.progress = Progress(step=step, total_steps=total)
+    def _on_progress(self, job: LiveJob, step: int, total: int) -> None:
+        """Called on the engine thread; state changes happen on the event loop."""
+        assert self._loop is not None
 
+        def apply() -> None:
+            if job.record.status.is_terminal():
+                return
+            if job.record.status == JobStatus.queued:
+                self._mark_running(job)
+            job.step, job.total_steps = step, total
+            if step > 0:
+                self._publish(job, "progress")
+
+        self._loop.call_soon_threadsafe(apply)
+
+    async def _execute(self, job: LiveJob) -> None:
         try:
-            # 1. generate
-            result = await self.backend.generate(job.params, on_progress, job.cancel)
-            job.timings.queue = round(result.queue_ms, 2)
-            job.timings.inference = round(result.inference_ms, 2)
-            # 2. encode and 3. store, off the event loop
+            await self.wait_ready(timeout=self.settings.backend_timeout_s)
+            reports_start = getattr(self.backend, "reports_start", False)
+            async with self._slots if not reports_start else _nullcontext():
+                if job.record.status.is_terminal():
+                    return
+                if not reports_start:
+                    self._mark_running(job)
+                t0 = time.perf_counter()
+                result = await self.backend.generate(job.params, lambda s, t: self._on_progress(job, s, t), job.cancel)
+            if job.record.status.is_terminal():  # canceled while it finished
+                return
+            self._mark_running(job)
             encode_ms, store_ms, images = await asyncio.to_thread(self._encode_and_store, job, result.images)
-            job.timings.encode = round(encode_ms, 2)
-            job.timings.store = round(store_ms, 2)
-            job.images = images
-            job.status = JobStatus.succeeded
+            job.record.images = images
+            job.record.timings = {
+                "queue": round(result.queue_ms, 2),
+                "inference": round(result.inference_ms, 2),
+                "encode": round(encode_ms, 2),
+                "store": round(store_ms, 2),
+                "total": round((time.time() - job.record.created) * 1000, 2),
+            }
+            self._recent_ms = [*self._recent_ms[-19:], (time.perf_counter() - t0) * 1000]
+            job.step = job.total_steps = job.params.num_inference_steps
+            self._finish(job, JobStatus.succeeded)
+        except asyncio.CancelledError:
+            raise  # shutdown: the record stays queued/running and is recovered at next start
         except SdgateError as e:
-            job.error = e
-            job.status = JobStatus.canceled if e.type == "canceled" else JobStatus.failed
-        job.timings.total = round((time.perf_counter() - t0) * 1000, 2)
-        return job
+            status = JobStatus.canceled if e.type == "canceled" else JobStatus.failed
+            self._finish(job, status, error={"type": e.type, "message": e.message})
+        except Exception as e:
+            error_id = new_error_id()
+            log.error("job %s failed unexpectedly (error id %s)", job.record.id, error_id, exc_info=e)
+            err = GenerationFailed(f"internal error; reference {error_id} in the server log")
+            self._finish(job, JobStatus.failed, error={"type": err.type, "message": err.message})
 
-    def _encode_and_store(self, job: Job, generated: list[GeneratedImage]) -> tuple[float, float, list[ImageResult]]:
+    def _finish(self, job: LiveJob, status: JobStatus, error: dict[str, Any] | None = None) -> None:
+        if job.record.status.is_terminal():
+            return
+        job.record.status = status
+        job.record.error = error
+        job.record.finished = time.time()
+        if "total" not in job.record.timings:
+            job.record.timings["total"] = round((job.record.finished - job.record.created) * 1000, 2)
+        self.store.save(job.record)
+        self._publish(job, status.value)
+        job.done.set()
+        if job.record.webhook:
+            self._spawn(self._send_webhook(job))
+        else:
+            self._live.pop(job.record.id, None)
+
+    async def _send_webhook(self, job: LiveJob) -> None:
+        try:
+            assert job.record.webhook is not None
+            body = self.view(job).model_dump_json().encode()
+            attempts = await deliver(
+                job.record.webhook["url"],
+                body,
+                secret=self.settings.webhook_secret,
+                allow=self.settings.webhook_allow,
+                max_attempts=self.settings.webhook_max_attempts,
+                backoff_s=self.settings.webhook_backoff_s,
+            )
+            job.record.webhook["attempts"] = attempts
+            job.record.webhook["delivered"] = bool(attempts) and 200 <= attempts[-1].get("status", 0) < 300
+            self.store.save(job.record)
+        finally:
+            self._live.pop(job.record.id, None)
+
+    def _encode_and_store(
+        self, job: LiveJob, generated: list[GeneratedImage]
+    ) -> tuple[float, float, list[dict[str, Any]]]:
         p = job.params
         encode_s = store_s = 0.0
         results = []
         for img in generated:
             t0 = time.perf_counter()
             # No job id in the file: the same request and seed give byte-identical images.
-            meta = {**p.public(), "seed": img.seed, "model": job.model}
+            meta = {**p.public(), "seed": img.seed, "model": job.record.model}
             if img.encoded is not None and img.encoded_format == p.output_format:
                 data, width, height = img.encoded, img.image.width, img.image.height
             else:
@@ -139,20 +452,61 @@ class JobRunner:
             # The image first, then its sidecar: a sidecar never describes a missing image.
             stored = self.storage.put(data, key, content_type)
             sidecar = json.dumps(
-                {**meta, "job_id": job.id, "key": key, "content_type": content_type, "bytes": len(data)}
+                {**meta, "job_id": job.record.id, "key": key, "content_type": content_type, "bytes": len(data)}
             ).encode()
             self.storage.put(sidecar, key.rsplit(".", 1)[0] + ".json", "application/json")
             t2 = time.perf_counter()
             encode_s += t1 - t0
             store_s += t2 - t1
             results.append(
-                ImageResult(
-                    url=stored.url,
-                    seed=img.seed,
-                    width=width,
-                    height=height,
-                    content_type=content_type,
-                    bytes=len(data),
-                )
+                {
+                    "url": stored.url,
+                    "key": key,
+                    "seed": img.seed,
+                    "width": width,
+                    "height": height,
+                    "content_type": content_type,
+                    "bytes": len(data),
+                }
             )
         return encode_s * 1000, store_s * 1000, results
+
+    # -- retention ------------------------------------------------------------------------------
+
+    def sweep(self, max_age_s: float) -> int:
+        """Delete terminal jobs older than ``max_age_s`` and their images; returns how many jobs went."""
+        removed = 0
+        cutoff = time.time() - max_age_s
+        while True:
+            old = self.store.older_than(cutoff)
+            if not old:
+                return removed
+            for record in old:
+                for img in record.images:
+                    key = img.get("key")
+                    if key:
+                        delete = getattr(self.storage, "delete", None)
+                        if delete is not None:
+                            delete(key)
+                            delete(key.rsplit(".", 1)[0] + ".json")
+            self.store.delete([r.id for r in old])
+            removed += len(old)
+
+    async def _retention_loop(self, max_age_s: float) -> None:
+        interval = min(max(max_age_s / 10, 1.0), 3600.0)
+        while True:
+            try:
+                n = await asyncio.to_thread(self.sweep, max_age_s)
+                if n:
+                    log.info("retention: removed %d old jobs and their images", n)
+            except Exception:
+                log.exception("retention sweep failed")
+            await asyncio.sleep(interval)
+
+
+class _nullcontext:
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None

@@ -53,6 +53,9 @@ class GenerationRequest(BaseModel):
     scheduler: str | None = Field(None, description=f"One of {', '.join(SCHEDULER_NAMES)}.")
     output_format: ImageFormat | None = Field(None, description="jpeg | png | webp.")
     quality: int | None = Field(None, ge=1, le=100, description="JPEG/WebP quality.")
+    webhook_url: str | None = Field(
+        None, max_length=2048, description="POSTed the finished job, signed (see the README's webhook section)."
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -217,6 +220,13 @@ class ErrorInfo(BaseModel):
 class Progress(BaseModel):
     step: int = 0
     total_steps: int = 0
+    eta_ms: float | None = None
+
+
+class WebhookStatus(BaseModel):
+    url: str
+    delivered: bool = False
+    attempts: list[dict[str, Any]] = Field(default_factory=list)
 
 
 class GenerationResponse(BaseModel):
@@ -229,7 +239,17 @@ class GenerationResponse(BaseModel):
     images: list[ImageResult] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
     progress: Progress = Field(default_factory=Progress)
+    queue_position: int | None = Field(None, description="Jobs ahead of this one while queued (0: next).")
+    started: float | None = None
+    finished: float | None = None
     error: ErrorInfo | None = None
+    webhook: WebhookStatus | None = None
+
+
+class JobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[GenerationResponse]
+    next_before: float | None = Field(None, description="Pass as ?before= for the next page.")
 
 
 class ModelCard(BaseModel):

@@ -16,17 +16,25 @@ from sdgate.api.middleware import BodyLimit
 from sdgate.backends import Backend, create_backend
 from sdgate.config import Settings
 from sdgate.jobs import JobRunner
+from sdgate.jobstore import JobStore, SqliteJobStore
 from sdgate.storage import Storage, create_storage
 
 log = logging.getLogger("sdgate.api")
 
 
-def create_app(settings: Settings, backend: Backend | None = None, storage: Storage | None = None) -> FastAPI:
-    """Build the app. ``backend`` and ``storage`` default to what the settings name."""
+def create_app(
+    settings: Settings,
+    backend: Backend | None = None,
+    storage: Storage | None = None,
+    store: JobStore | None = None,
+) -> FastAPI:
+    """Build the app. ``backend``, ``storage`` and the job ``store`` default to what the settings name."""
     # 1. collaborators
     backend = backend or create_backend(settings)
     storage = storage or create_storage(settings)
-    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=JobRunner(settings, backend, storage))
+    store = store or SqliteJobStore(settings.data_dir / "jobs.sqlite3")
+    jobs = JobRunner(settings, backend, storage, store)
+    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs)
 
     # 2. lifecycle: the model loads in the background so that /healthz answers at once
     @asynccontextmanager
@@ -40,10 +48,13 @@ def create_app(settings: Settings, backend: Backend | None = None, storage: Stor
             backend.model_name,
             storage.name,
         )
+        await jobs.start()  # recovers jobs a previous process left unfinished
         try:
             yield
         finally:
+            await jobs.close()
             await backend.close()
+            store.close()
 
     # 3. app, errors, routes
     app = FastAPI(

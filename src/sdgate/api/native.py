@@ -1,17 +1,24 @@
-"""The native v1 API: generations, jobs, models."""
+"""The native v1 API: generations (sync and async), jobs, progress events, models."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from sdgate.api.context import Ctx, JsonBody, absolute_url
 from sdgate.errors import SdgateError
-from sdgate.jobs import Job
+from sdgate.jobs import LiveJob, request_hash
+from sdgate.jobstore import JobRecord
 from sdgate.schemas import (
     SCHEDULER_NAMES,
     ErrorBody,
     GenerationRequest,
     GenerationResponse,
+    JobList,
+    JobStatus,
     ModelCard,
     ModelList,
     resolve_request,
@@ -19,40 +26,131 @@ from sdgate.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["generations"], dependencies=[JsonBody])
 
-_ERRORS: dict[int | str, dict[str, object]] = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 500, 502, 503)
 }
+_ASYNC: dict[int | str, dict[str, Any]] = {202: {"model": GenerationResponse, "description": "accepted; poll Location or read its events"}}
 
 
-def _public(request: Request, job: Job) -> GenerationResponse:
-    resp = job.to_response()
+def owner_of(request: Request) -> str | None:
+    """The API key's owner once auth is on; None (everything visible) without auth."""
+    owner: str | None = getattr(request.state, "owner", None)
+    return owner
+
+
+def _public(request: Request, resp: GenerationResponse) -> GenerationResponse:
     for img in resp.images:
         img.url = absolute_url(request, img.url)
     return resp
 
 
-@router.post("/generations", response_model=GenerationResponse, responses=_ERRORS)
-async def create_generation(body: GenerationRequest, request: Request, ctx: Ctx) -> GenerationResponse:
+def _accepted(request: Request, resp: GenerationResponse) -> JSONResponse:
+    return JSONResponse(
+        _public(request, resp).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/v1/jobs/{resp.id}", "Preference-Applied": "respond-async"},
+    )
+
+
+@router.post("/generations", response_model=GenerationResponse, responses={**_ERRORS, **_ASYNC})
+async def create_generation(
+    body: GenerationRequest,
+    request: Request,
+    ctx: Ctx,
+    prefer: Annotated[str | None, Header(description="`respond-async` answers 202 at once")] = None,
+    idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
+) -> Any:
     """Generate images from a prompt; answers with the URLs of the stored images.
 
-    Steps: validate (before any model work) → wait for the model if it is still loading →
-    run the job → answer with the job, or with its error.
+    Steps: validate (before any model work) → record and queue the job → answer when it ends
+    (sync), at once with 202 (``Prefer: respond-async``), or with 202 when it outlasts
+    ``SDGATE_SYNC_TIMEOUT``.
     """
-    await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
+    # 1. check inputs
+    want_async = prefer is not None and "respond-async" in prefer.lower()
+    if not want_async:
+        await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
     params = resolve_request(body, ctx.settings, ctx.backend.defaults())
-    job = ctx.jobs.create(params)
-    await ctx.jobs.run(job)
-    if job.error is not None:
-        err: SdgateError = job.error
-        err.headers.setdefault("X-Job-Id", job.id)
+    ctx.jobs.check_webhook(body.webhook_url)
+    # 2. record and queue
+    job, _created = ctx.jobs.submit(
+        params,
+        owner=owner_of(request),
+        idempotency_key=idempotency_key,
+        body_hash=request_hash(body.model_dump(mode="json")),
+        webhook_url=body.webhook_url,
+    )
+    # 3. answer
+    if want_async:
+        return _accepted(request, ctx.jobs.view(job))
+    if not await ctx.jobs.wait(job, ctx.settings.sync_timeout):
+        return _accepted(request, ctx.jobs.view(job))
+    view = ctx.jobs.view(job)
+    if view.status != JobStatus.succeeded:
+        assert view.error is not None
+        err = SdgateError(view.error.message, headers={"X-Job-Id": view.id})
+        err.type = view.error.type
+        err.status = {"canceled": 409, "busy": 429, "not_ready": 503, "backend_error": 502, "storage_error": 503}.get(
+            view.error.type, 500
+        )
         raise err
-    return _public(request, job)
+    return _public(request, view)
+
+
+@router.get("/jobs", response_model=JobList, responses=_ERRORS, tags=["jobs"])
+async def list_jobs(
+    request: Request,
+    ctx: Ctx,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    before: Annotated[float | None, Query(description="`next_before` of the previous page")] = None,
+) -> JobList:
+    """Recent jobs, newest first."""
+    data = [_public(request, j) for j in ctx.jobs.list_jobs(owner=owner_of(request), limit=limit, before=before)]
+    next_before = None
+    if len(data) == limit:
+        last = ctx.jobs.find(data[-1].id)
+        next_before = (last.record if isinstance(last, LiveJob) else last).created
+    return JobList(data=data, next_before=next_before)
 
 
 @router.get("/jobs/{job_id}", response_model=GenerationResponse, responses=_ERRORS, tags=["jobs"])
 async def get_job(job_id: str, request: Request, ctx: Ctx) -> GenerationResponse:
-    """A job with its status, progress and, once succeeded, its images."""
-    return _public(request, ctx.jobs.get(job_id))
+    """A job with its status, progress (`step`, `total_steps`, `eta_ms`) and, once succeeded, its images."""
+    return _public(request, ctx.jobs.view(ctx.jobs.find(job_id, owner_of(request))))
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=GenerationResponse, responses=_ERRORS, tags=["jobs"])
+async def cancel_job(job_id: str, request: Request, ctx: Ctx) -> GenerationResponse:
+    """Cancel a job: a queued one is removed, a running one stops at its next step; a finished one is 409."""
+    job = ctx.jobs.cancel(job_id, owner_of(request))
+    return _public(request, ctx.jobs.view(job))
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}, **_ERRORS},
+    response_class=StreamingResponse,
+    tags=["jobs"],
+)
+async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingResponse:
+    """Server-sent events: queued/started/progress/succeeded/failed/canceled, ending with the terminal one."""
+    owner = owner_of(request)
+    ctx.jobs.find(job_id, owner)  # 404 before the stream starts
+
+    async def stream() -> AsyncIterator[bytes]:
+        async for event in ctx.jobs.events(job_id, owner):
+            if not event.name:
+                yield b": keep-alive\n\n"
+                continue
+            for img in event.data.get("images", []):
+                img["url"] = absolute_url(request, img["url"])
+            yield event.encode()
+
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
 @router.get("/models", response_model=ModelList, tags=["models"])
@@ -73,3 +171,6 @@ async def list_models(ctx: Ctx) -> ModelList:
             )
         ]
     )
+
+
+__all__ = ["JobRecord", "router"]

@@ -14,6 +14,8 @@ from sdgate.schemas import GenerationParams, ModelDefaults
 
 class LocalBackend:
     name = "local"
+    # The engine says when a task leaves its queue (progress step 0), so jobs show `queued` until then.
+    reports_start = True
 
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.engine = engine or Engine(settings)

@@ -185,7 +185,8 @@ class Engine:
             batch = self._next_batch()
             if batch is None:
                 return
-            self._run_batch(batch)
+            if batch:
+                self._run_batch(batch)
 
     def _next_batch(self) -> list[EngineTask] | None:
         """Take the oldest task and every queued task that can share its pipeline call.
@@ -199,6 +200,13 @@ class Engine:
                 self._cond.wait()
             if self._closing:
                 return None
+            # Canceled tasks leave the queue here, before they can hold up a batch.
+            for task in [t for t in self._pending if t.cancel.is_set()]:
+                self._pending.remove(task)
+                if not task.future.done():
+                    task.future.set_exception(Canceled("the job was canceled"))
+            if not self._pending:
+                return []
             first = self._pending[0]
             key = first.params.batch_key()
             target = min(max_images, max(self._last_batch_images, first.params.num_images))
@@ -240,6 +248,13 @@ class Engine:
                 prompts.append(t.params.prompt)
                 negatives.append(t.params.negative_prompt or "")
                 seeds.append(seed)
+
+        for t in live:  # step 0: the task has started
+            if t.progress is not None:
+                try:
+                    t.progress(0, p.num_inference_steps)
+                except Exception:
+                    log.warning("progress callback failed", exc_info=True)
 
         def on_step(step: int, total: int) -> None:
             # Cancel is per task: a canceled task is answered now, its rows finish unused,

@@ -1,0 +1,206 @@
+"""Durable job records: a small protocol, and its SQLite implementation (the default).
+
+A record is written when a job is accepted, when it starts, and when it ends; progress between
+steps stays in memory. The database lives under ``SDGATE_DATA_DIR`` in WAL mode, so readers never
+block the writer and a crash loses nothing that was committed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sdgate.schemas import JobStatus
+
+
+@dataclass
+class JobRecord:
+    """Everything that must survive a restart."""
+
+    id: str
+    status: JobStatus
+    created: float
+    params: dict[str, Any]
+    model: str
+    owner: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    webhook: dict[str, Any] | None = None
+
+
+_JSON_FIELDS = ("params", "images", "error", "timings", "webhook")
+
+
+class JobStore(Protocol):
+    """Where job records live. Implementations: :class:`SqliteJobStore` (default)."""
+
+    def insert(self, record: JobRecord) -> JobRecord:
+        """Store a new record; if its (owner, idempotency_key) exists, return the existing one instead."""
+        ...
+
+    def save(self, record: JobRecord) -> None:
+        """Write every field of an existing record."""
+        ...
+
+    def by_idempotency_key(self, owner: str | None, key: str) -> JobRecord | None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
+        """Newest first; ``before`` is the ``created`` of the last record of the previous page."""
+        ...
+
+    def unfinished(self) -> list[JobRecord]:
+        """Jobs that were queued or running, oldest first (for recovery after a restart)."""
+        ...
+
+    def older_than(self, cutoff: float, limit: int = 500) -> list[JobRecord]:
+        """Terminal jobs created before ``cutoff``."""
+        ...
+
+    def delete(self, job_ids: list[str]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SqliteJobStore:
+    """Job records in one SQLite file. Thread-safe: one connection behind a lock."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (kill -9); only an OS crash can
+            # lose the last transactions, which is the right trade for a job log.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=5000")
+            self._db.executescript(
+                """
+                CREATE TABLE IF NOT EXISTS jobs (
+                    id TEXT PRIMARY KEY,
+                    status TEXT NOT NULL,
+                    created REAL NOT NULL,
+                    owner TEXT,
+                    idempotency_key TEXT,
+                    body TEXT NOT NULL
+                );
+                CREATE INDEX IF NOT EXISTS jobs_created ON jobs (created);
+                CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status);
+                CREATE UNIQUE INDEX IF NOT EXISTS jobs_idem ON jobs (coalesce(owner, ''), idempotency_key)
+                    WHERE idempotency_key IS NOT NULL;
+                """
+            )
+
+    @staticmethod
+    def _encode(record: JobRecord) -> str:
+        body = {k: v for k, v in record.__dict__.items()}
+        body["status"] = record.status.value
+        return json.dumps(body, separators=(",", ":"))
+
+    @staticmethod
+    def _decode(row: sqlite3.Row) -> JobRecord:
+        body = json.loads(row["body"])
+        body["status"] = JobStatus(body["status"])
+        return JobRecord(**body)
+
+    def by_idempotency_key(self, owner: str | None, key: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT body FROM jobs WHERE coalesce(owner, '') = ? AND idempotency_key = ?", (owner or "", key)
+            ).fetchone()
+        return None if row is None else self._decode(row)
+
+    def insert(self, record: JobRecord) -> JobRecord:
+        if record.idempotency_key is not None:
+            existing = self.by_idempotency_key(record.owner, record.idempotency_key)
+            if existing is not None:
+                return existing
+        try:
+            with self._lock:
+                self._db.execute(
+                    "INSERT INTO jobs (id, status, created, owner, idempotency_key, body) VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        record.id,
+                        record.status.value,
+                        record.created,
+                        record.owner,
+                        record.idempotency_key,
+                        self._encode(record),
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            # Two requests with the same idempotency key raced; the first one's job wins.
+            if record.idempotency_key is None:
+                raise
+            existing = self.by_idempotency_key(record.owner, record.idempotency_key)
+            if existing is None:
+                raise
+            return existing
+        return record
+
+    def save(self, record: JobRecord) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET status = ?, body = ? WHERE id = ?",
+                (record.status.value, self._encode(record), record.id),
+            )
+
+    def get(self, job_id: str) -> JobRecord | None:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else self._decode(row)
+
+    def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
+        sql = "SELECT body FROM jobs WHERE 1=1"
+        args: list[Any] = []
+        if owner is not None:
+            sql += " AND owner = ?"
+            args.append(owner)
+        if before is not None:
+            sql += " AND created < ?"
+            args.append(before)
+        sql += " ORDER BY created DESC LIMIT ?"
+        args.append(limit)
+        with self._lock:
+            rows = self._db.execute(sql, args).fetchall()
+        return [self._decode(r) for r in rows]
+
+    def unfinished(self) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM jobs WHERE status IN ('queued', 'running') ORDER BY created"
+            ).fetchall()
+        return [self._decode(r) for r in rows]
+
+    def older_than(self, cutoff: float, limit: int = 500) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM jobs WHERE created < ? AND status IN ('succeeded', 'failed', 'canceled') "
+                "ORDER BY created LIMIT ?",
+                (cutoff, limit),
+            ).fetchall()
+        return [self._decode(r) for r in rows]
+
+    def delete(self, job_ids: list[str]) -> None:
+        if not job_ids:
+            return
+        with self._lock:
+            self._db.executemany("DELETE FROM jobs WHERE id = ?", [(i,) for i in job_ids])
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
