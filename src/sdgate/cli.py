@@ -116,8 +116,9 @@ def serve(**options: Any) -> None:
 @click.option("--seed", type=int, help="Seed (image i uses seed + i).")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
 @click.option("--scheduler", help="euler, euler_a, ddim, dpmpp_2m, pndm, lms or unipc.")
+@click.option("--async", "use_async", is_flag=True, help="With --url: submit a job and follow its progress events.")
 @settings_options
-def generate(prompt: str, output: Path, url: str | None, **options: Any) -> None:
+def generate(prompt: str, output: Path, url: str | None, use_async: bool, **options: Any) -> None:
     """Generate an image from PROMPT and write it to --output."""
     fmt = _FORMATS.get(output.suffix.lower())
     if fmt is None:
@@ -138,9 +139,7 @@ def generate(prompt: str, output: Path, url: str | None, **options: Any) -> None
     body.update(prompt=prompt, output_format=fmt)
     try:
         if url:
-            from sdgate.client import generate_remote
-
-            outputs = generate_remote(url, body, output)
+            outputs = _generate_remote(url, body, output, use_async)
         else:
             settings = build_settings(options)
             _setup_logging("warning" if settings.log_level == "info" else settings.log_level)
@@ -149,6 +148,22 @@ def generate(prompt: str, output: Path, url: str | None, **options: Any) -> None
         raise click.ClickException(e.message) from None
     for path, seed in outputs:
         click.echo(f"{path}  seed={seed}")
+
+
+def _generate_remote(url: str, body: dict[str, Any], output: Path, use_async: bool) -> list[tuple[Path, int]]:
+    from tqdm import tqdm
+
+    from sdgate.client import generate_remote
+
+    with tqdm(desc="generating", unit="step", file=sys.stderr) as bar:
+
+        def progress(step: int, total: int) -> None:
+            if total and bar.total != total:
+                bar.total = total
+                bar.refresh()
+            bar.update(step - bar.n)
+
+        return generate_remote(url, body, output, use_async=use_async, on_progress=progress)
 
 
 def _output_paths(output: Path, n: int) -> list[Path]:
@@ -202,6 +217,67 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(encode(img.image, params.output_format, params.quality, meta).data)
     return [(p, img.seed) for p, img in zip(paths, result.images, strict=True)]
+
+
+@main.group()
+def jobs() -> None:
+    """List, show and cancel jobs on a running server."""
+
+
+_url_option = click.option(
+    "--url",
+    envvar="SDGATE_URL",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="Server URL [env: SDGATE_URL].",
+)
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    p = job.get("progress") or {}
+    line = f"{job['id']}  {job['status']:<9}  step {p.get('step', 0)}/{p.get('total_steps', 0)}"
+    if job.get("queue_position") is not None:
+        line += f"  queue position {job['queue_position']}"
+    if job.get("error"):
+        line += f"  {job['error']['type']}: {job['error']['message']}"
+    click.echo(line)
+    for img in job.get("images", []):
+        click.echo(f"  {img['url']}  seed={img['seed']}")
+
+
+def _jobs_call(func: Callable[[Any], Any], url: str) -> Any:
+    from sdgate.client import Client
+
+    try:
+        with Client(url) as client:
+            return func(client)
+    except SdgateError as e:
+        raise click.ClickException(e.message) from None
+
+
+@jobs.command("list")
+@_url_option
+@click.option("--limit", type=int, default=20, show_default=True, help="How many recent jobs.")
+def jobs_list(url: str, limit: int) -> None:
+    """Recent jobs, newest first."""
+    for job in _jobs_call(lambda c: c.jobs(limit), url):
+        _print_job(job)
+
+
+@jobs.command("show")
+@_url_option
+@click.argument("job_id")
+def jobs_show(url: str, job_id: str) -> None:
+    """One job with its progress and images."""
+    _print_job(_jobs_call(lambda c: c.job(job_id), url))
+
+
+@jobs.command("cancel")
+@_url_option
+@click.argument("job_id")
+def jobs_cancel(url: str, job_id: str) -> None:
+    """Cancel a queued or running job."""
+    _print_job(_jobs_call(lambda c: c.cancel(job_id), url))
 
 
 if __name__ == "__main__":  # pragma: no cover

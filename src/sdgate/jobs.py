@@ -234,7 +234,8 @@ class JobRunner:
         return live if live is not None else record
 
     def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[GenerationResponse]:
-        return [self.view(self._live.get(r.id, r)) for r in self.store.list_jobs(owner=owner, limit=limit, before=before)]
+        records = self.store.list_jobs(owner=owner, limit=limit, before=before)
+        return [self.view(self._live.get(r.id, r)) for r in records]
 
     def view(self, job: LiveJob | JobRecord) -> GenerationResponse:
         """The public form of a job: record fields, plus live progress and queue position."""
@@ -252,9 +253,9 @@ class JobRunner:
                     for o in self._live.values()
                     if o.record.status == JobStatus.queued and o.record.created < record.created
                 )
-        elif record.status == JobStatus.succeeded:
+        else:
             steps = int(record.params.get("num_inference_steps", 0))
-            progress = Progress(step=steps, total_steps=steps, eta_ms=0)
+            progress = Progress(step=record.step, total_steps=steps, eta_ms=0 if record.status.is_terminal() else None)
         return GenerationResponse(
             id=record.id,
             status=record.status,
@@ -402,6 +403,7 @@ class JobRunner:
             return
         job.record.status = status
         job.record.error = error
+        job.record.step = job.step
         job.record.finished = time.time()
         if "total" not in job.record.timings:
             job.record.timings["total"] = round((job.record.finished - job.record.created) * 1000, 2)
@@ -485,10 +487,8 @@ class JobRunner:
                 for img in record.images:
                     key = img.get("key")
                     if key:
-                        delete = getattr(self.storage, "delete", None)
-                        if delete is not None:
-                            delete(key)
-                            delete(key.rsplit(".", 1)[0] + ".json")
+                        self.storage.delete(key)
+                        self.storage.delete(key.rsplit(".", 1)[0] + ".json")
             self.store.delete([r.id for r in old])
             removed += len(old)
 

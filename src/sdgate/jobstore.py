@@ -32,6 +32,7 @@ class JobRecord:
     started: float | None = None
     finished: float | None = None
     attempts: int = 0
+    step: int = 0
     images: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)

@@ -29,7 +29,9 @@ router = APIRouter(prefix="/v1", tags=["generations"], dependencies=[JsonBody])
 _ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 500, 502, 503)
 }
-_ASYNC: dict[int | str, dict[str, Any]] = {202: {"model": GenerationResponse, "description": "accepted; poll Location or read its events"}}
+_ASYNC: dict[int | str, dict[str, Any]] = {
+    202: {"model": GenerationResponse, "description": "accepted; poll Location or read its events"}
+}
 
 
 def owner_of(request: Request) -> str | None:

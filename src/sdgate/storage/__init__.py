@@ -41,6 +41,10 @@ class Storage(Protocol):
         """Store ``data`` atomically under ``key``; raise :class:`sdgate.errors.StorageError` on failure."""
         ...
 
+    def delete(self, key: str) -> None:
+        """Remove ``key`` if present (retention); missing keys are not an error."""
+        ...
+
     def check(self) -> None:
         """Raise :class:`sdgate.errors.StorageError` if the store cannot be written."""
         ...

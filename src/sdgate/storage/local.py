@@ -50,6 +50,15 @@ class LocalStorage:
             raise StorageError(f"could not store image: {e.strerror or e}") from e
         return StoredObject(key=key, url=self.url_for(key))
 
+    def delete(self, key: str) -> None:
+        path = self.path_for(key)
+        if path is None:
+            raise ValueError(f"invalid storage key {key!r}")
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(f"could not delete image: {e.strerror or e}") from e
+
     def check(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
