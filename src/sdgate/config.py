@@ -74,6 +74,12 @@ class Settings(BaseSettings):
     default_guidance_scale: float | None = Field(
         None, ge=0, le=30, description="Guidance when a request names none (default: the model's own)."
     )
+    default_width: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="Width when a request names none (default: the model's own)."
+    )
+    default_height: int | None = Field(
+        None, ge=64, le=2048, multiple_of=8, description="Height when a request names none (default: the model's own)."
+    )
 
     # -- backend --------------------------------------------------------------------------------
     backend: BackendName = Field("local", description="Where generations run: local | sagemaker | http.")

@@ -145,8 +145,8 @@ def resolve_request(req: GenerationRequest, settings: Settings, defaults: ModelD
             f"num_images must be at most {settings.max_images}, got {req.num_images}", field="num_images"
         )
     # 2. defaults
-    width = req.width or defaults.width
-    height = req.height or defaults.height
+    width = req.width or settings.default_width or defaults.width
+    height = req.height or settings.default_height or defaults.height
     if width * height > settings.max_pixels:
         raise InvalidRequest(
             f"width*height is {width * height} pixels; the limit is {settings.max_pixels} "
