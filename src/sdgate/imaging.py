@@ -100,6 +100,9 @@ def from_rgb_lists(rows: Any) -> Image.Image:
     arr = np.asarray(rows)
     if arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise ValueError(f"expected an H x W x 3 list of RGB pixels, got shape {arr.shape}")
+    # Strings, None or booleans would otherwise fail with a TypeError below, or pass as pixels.
+    if arr.dtype.kind not in "iuf" or (arr.dtype.kind == "f" and not np.isfinite(arr).all()):
+        raise ValueError("pixel values must be numbers in 0..255")
     if arr.min() < 0 or arr.max() > 255:
         raise ValueError("pixel values must lie in 0..255")
     return Image.fromarray(arr.astype(np.uint8), "RGB")
