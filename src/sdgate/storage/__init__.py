@@ -22,7 +22,8 @@ def new_key(extension: str, now: dt.datetime | None = None) -> str:
 
 
 def is_valid_key(key: str) -> bool:
-    return bool(KEY_PATTERN.match(key))
+    # fullmatch: with match, ``$`` also accepts a key that ends in a newline.
+    return bool(KEY_PATTERN.fullmatch(key))
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,171 @@
+"""Keys and the local image directory: unguessable, collision-free, atomic, no path traversal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from sdgate.config import Settings
+from sdgate.errors import StorageError
+from sdgate.storage import create_storage, is_valid_key, new_key
+from sdgate.storage.local import LocalStorage
+
+KEY = re.compile(r"^(\d{4})/(\d{2})/(\d{2})/([0-9a-f]{32})\.(\w+)$")
+
+
+def test_key_has_a_date_prefix_and_128_random_bits() -> None:
+    key = new_key("jpeg", now=dt.datetime(2026, 3, 7, 23, 59, tzinfo=dt.UTC))
+    m = KEY.match(key)
+    assert m, key
+    assert m.group(1, 2, 3) == ("2026", "03", "07")
+    assert m.group(5) == "jpeg"
+    assert is_valid_key(key)
+
+
+def test_key_date_is_utc() -> None:
+    # 01:30 in UTC+9 is still the previous day in UTC.
+    now = dt.datetime(2026, 1, 1, 1, 30, tzinfo=dt.timezone(dt.timedelta(hours=9))).astimezone(dt.UTC)
+    assert new_key("png", now=now).startswith("2025/12/31/")
+    assert KEY.match(new_key("png"))
+
+
+def test_keys_never_repeat() -> None:
+    # The original design's timestamp keys collide under load; these must not, even within one instant.
+    now = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    keys = {new_key("jpeg", now=now) for _ in range(5000)}
+    assert len(keys) == 5000
+
+
+@pytest.fixture
+def storage(tmp_path: Path) -> LocalStorage:
+    return LocalStorage(tmp_path / "images")
+
+
+def test_put_writes_the_bytes_under_the_key_and_answers_a_local_url(storage: LocalStorage) -> None:
+    key = new_key("png")
+    stored = storage.put(b"\x89PNG-bytes", key, "image/png")
+    assert stored.key == key
+    assert stored.url == f"/images/{key}"
+    assert (storage.root / key).read_bytes() == b"\x89PNG-bytes"
+    assert storage.path_for(key) == storage.root / key
+
+
+def test_url_uses_the_public_base_url_when_set(tmp_path: Path) -> None:
+    storage = LocalStorage(tmp_path, public_base_url="https://cdn.example.com/img")
+    key = new_key("webp")
+    assert storage.put(b"x", key, "image/webp").url == f"https://cdn.example.com/img/{key}"
+
+
+def test_create_storage_uses_the_data_dir_and_strips_the_trailing_slash(tmp_path: Path) -> None:
+    storage = create_storage(Settings(data_dir=tmp_path, public_base_url="https://cdn.example.com/"))
+    assert isinstance(storage, LocalStorage)
+    assert storage.root == tmp_path / "images"
+    key = new_key("jpeg")
+    assert storage.put(b"x", key, "image/jpeg").url == f"https://cdn.example.com/{key}"
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file() and (p.name.startswith(".") or p.suffix == ".part")]
+
+
+def test_writes_leave_no_temporary_files(storage: LocalStorage) -> None:
+    keys = [new_key("jpeg") for _ in range(20)]
+    for i, key in enumerate(keys):
+        storage.put(bytes([i]) * 100, key, "image/jpeg")
+    # overwrite one: still atomic, still no leftovers
+    storage.put(b"new", keys[0], "image/jpeg")
+    assert leftovers(storage.root) == []
+    files = sorted(p.relative_to(storage.root).as_posix() for p in storage.root.rglob("*") if p.is_file())
+    assert files == sorted(keys)
+    assert (storage.root / keys[0]).read_bytes() == b"new"
+
+
+def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = new_key("jpeg")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match="No space left"):
+        storage.put(b"data", key, "image/jpeg")
+    assert not (storage.root / key).exists()
+    assert leftovers(storage.root) == []
+
+
+def test_a_failed_write_keeps_the_previous_bytes(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = new_key("png")
+    storage.put(b"old", key, "image/png")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(5, "I/O error")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(StorageError):
+        storage.put(b"new", key, "image/png")
+    assert (storage.root / key).read_bytes() == b"old"
+    assert leftovers(storage.root) == []
+
+
+GOOD = "2026/01/02/" + "0123456789abcdef" * 2
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../etc/passwd",
+        "../../../../etc/passwd",
+        "/etc/passwd",
+        "//etc/passwd",
+        f"/{GOOD}.jpeg",
+        f"{GOOD}.jpeg/../../../../etc/passwd",
+        f"2026/01/02/../../{'0' * 32}.jpeg",
+        f"2026/01/02/..\\..\\{'0' * 32}.jpeg",
+        f"{GOOD}.jpeg\x00.png",
+        f"{GOOD}.jpeg\n",
+        f"{GOOD.upper()}.jpeg",
+        f"{GOOD}.gif",
+        f"{GOOD}.jpeg.part",
+        f"{GOOD[:-1]}.jpeg",
+        "2026/1/2/" + "0" * 32 + ".jpeg",
+        "%2e%2e/%2e%2e/etc/passwd",
+        "",
+        ".",
+        "server.log",
+    ],
+)
+def test_keys_sdgate_could_not_have_made_are_rejected(storage: LocalStorage, key: str) -> None:
+    assert storage.path_for(key) is None
+    assert not is_valid_key(key)
+    with pytest.raises(ValueError):
+        storage.put(b"x", key, "image/jpeg")
+
+
+@pytest.mark.parametrize("ext", ["jpeg", "png", "webp", "json"])
+def test_keys_sdgate_makes_are_accepted(storage: LocalStorage, ext: str) -> None:
+    key = f"{GOOD}.{ext}"
+    path = storage.path_for(key)
+    assert path is not None
+    assert path.resolve().is_relative_to(storage.root.resolve())
+
+
+def test_check_passes_on_a_writable_directory_and_creates_it(storage: LocalStorage) -> None:
+    storage.check()
+    assert storage.root.is_dir()
+    assert list(storage.root.iterdir()) == []  # the probe file is gone
+
+
+def test_check_fails_clearly_when_the_directory_cannot_exist(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    storage = LocalStorage(blocker / "images")
+    with pytest.raises(StorageError, match="not writable"):
+        storage.check()
+    with pytest.raises(StorageError):
+        storage.put(b"x", new_key("jpeg"), "image/jpeg")
