@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from sdgate import __version__
-from sdgate.api import health, images, metrics, native
+from sdgate.api import health, images, metrics, native, sagemaker
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
 from sdgate.api.middleware import BodyLimit
@@ -70,4 +70,5 @@ def create_app(
     app.include_router(health.router)
     app.include_router(images.router)
     app.include_router(metrics.router)
+    app.include_router(sagemaker.router)
     return app

@@ -1,8 +1,10 @@
 """The one place where errors become HTTP responses.
 
 Native routes answer ``{"error": {"type", "message", ...}}``; SageMaker routes answer in the shape
-SageMaker clients parse (``{"ErrorCode", "Message"}`` plus the same ``error`` object). Anything
-unexpected becomes an opaque 500 with an error id that is in the log.
+SageMaker clients parse (``{"ErrorCode", "Message"}`` and the ``x-amzn-ErrorType`` header that botocore
+reads the code from, plus the same ``error`` object); the original design's ``/text2image`` routes add
+its Lambda's ``{"statusCode", "body"}``. Anything unexpected becomes an opaque 500 with an error id
+that is in the log.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from sdgate.errors import SdgateError, internal_error_body
 
 _SAGEMAKER_PATHS = ("/invocations", "/endpoints/")
 # SageMaker's runtime maps model errors to 424 ModelError and validation to 400.
-_SAGEMAKER_STATUS = {422: 400, 500: 424, 502: 424}
+_SAGEMAKER_STATUS = {415: 400, 422: 400, 500: 424, 502: 424}
 _SAGEMAKER_CODES = {
     400: "ValidationError",
     413: "ValidationError",
@@ -33,14 +35,14 @@ def _respond(
     request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
 ) -> JSONResponse:
     path = request.url.path
-    if path.startswith(_SAGEMAKER_PATHS) or path == "/invocations":
+    if path.startswith(_SAGEMAKER_PATHS):
         status = _SAGEMAKER_STATUS.get(status, status)
         err = body.get("error", {})
-        body = {
-            "ErrorCode": _SAGEMAKER_CODES.get(status, "InternalFailure"),
-            "Message": err.get("message", ""),
-            **body,
-        }
+        code = _SAGEMAKER_CODES.get(status, "InternalFailure")
+        body = {"ErrorCode": code, "Message": err.get("message", ""), **body}
+        headers = {**(headers or {}), "x-amzn-ErrorType": code}
+    elif path == "/text2image":
+        body = {"statusCode": status, "body": body.get("error", {}).get("message", ""), **body}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
