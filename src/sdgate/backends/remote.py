@@ -1,0 +1,141 @@
+"""What the ``sagemaker`` and ``http`` backends share: a JumpStart-compatible endpoint elsewhere.
+
+A subclass only says how to send one request body (:meth:`RemoteBackend._call`); this class
+builds the bodies, reads the answers and turns failures into the errors clients see.
+
+Seeds: a JumpStart endpoint seeds one generator for all images of a call, so ``seed`` with
+``num_images_per_prompt=n`` would not give sdgate's per-image seeds. sdgate therefore makes one
+call per image, each with its own seed (``seed + i``), all at once: every image can be made again
+alone, by any backend, and an sdgate endpoint batches the calls into one pipeline call anyway.
+
+Images: sdgate asks for ``application/json;jpeg`` and keeps the JPEG bytes as they came (stored
+without re-encoding when JPEG is wanted). An endpoint that ignores that Accept type and sends RGB
+lists is read as well; one that refuses it is asked again with ``application/json``, and from then on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+from sdgate.backends import BackendResult, ProgressFn
+from sdgate.config import Settings
+from sdgate.errors import BackendError, Busy, Canceled, NotReady, SdgateError
+from sdgate.jumpstart import JPEG_ACCEPT, JSON, ResponseError, parse_images, request_payload
+from sdgate.schemas import GeneratedImage, GenerationParams, ModelDefaults
+
+log = logging.getLogger("sdgate.backends")
+
+# The defaults JumpStart documents for its Stable Diffusion models; SDGATE_DEFAULT_* override them.
+JUMPSTART_DEFAULTS = ModelDefaults(width=512, height=512, num_inference_steps=50, guidance_scale=7.5)
+# Statuses with which an endpoint may refuse an Accept type it does not speak.
+_ACCEPT_REFUSALS = (400, 406, 415)
+
+
+class EndpointRefused(Exception):
+    """The endpoint answered with an error status; ``message`` is its own words."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class RemoteBackend:
+    """A backend whose model runs behind a JumpStart-compatible endpoint."""
+
+    name = "remote"
+    model_name = "remote"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._accept = JPEG_ACCEPT
+        self._defaults = JUMPSTART_DEFAULTS
+        self._lock = threading.Lock()
+        self._counts = {"requests": 0, "images": 0, "failures": 0}
+
+    # -- what a subclass provides ---------------------------------------------------------------
+
+    @property
+    def where(self) -> str:
+        """The endpoint, for messages."""
+        raise NotImplementedError
+
+    async def _call(self, body: bytes, accept: str) -> bytes:
+        """Send one JSON body; return the answer's body, raise :class:`EndpointRefused` or a :class:`SdgateError`."""
+        raise NotImplementedError
+
+    # -- the Backend protocol -------------------------------------------------------------------
+
+    def defaults(self) -> ModelDefaults:
+        return self._defaults
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return dict(self._counts)
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+    ) -> BackendResult:
+        """One call per image, all at once; the first failure cancels the rest."""
+        cancel = cancel or threading.Event()
+        self._count("requests")
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(self._one(params, seed, cancel)) for seed in params.seeds]
+        except* SdgateError as failed:
+            self._count("failures")
+            raise failed.exceptions[0] from None
+        if cancel.is_set():
+            raise Canceled("the job was canceled")
+        images = [t.result() for t in tasks]
+        self._count("images", len(images))
+        if progress is not None:  # a remote endpoint reports no steps: only the end
+            progress(params.num_inference_steps, params.num_inference_steps)
+        return BackendResult(images=images, inference_ms=(time.perf_counter() - t0) * 1000)
+
+    # -- one image ------------------------------------------------------------------------------
+
+    async def _one(self, params: GenerationParams, seed: int, cancel: threading.Event) -> GeneratedImage:
+        if cancel.is_set():
+            raise Canceled("the job was canceled")
+        body = json.dumps(request_payload(params, seed)).encode()
+        accept = self._accept
+        try:
+            answer = await self._call(body, accept)
+        except EndpointRefused as refused:
+            if accept != JPEG_ACCEPT or refused.status not in _ACCEPT_REFUSALS:
+                raise self._error(refused) from None
+            try:
+                answer = await self._call(body, JSON)
+            except EndpointRefused:
+                raise self._error(refused) from None  # the first refusal says more than the retry's
+            log.warning("%s does not answer %s; asking for %s from now on", self.where, JPEG_ACCEPT, JSON)
+            self._accept = JSON
+        try:
+            images = await asyncio.to_thread(parse_images, answer, seed)
+        except ResponseError as e:
+            raise BackendError(f"{self.where} answered with something that is not a JumpStart response: {e}") from None
+        # An endpoint that ignored num_images_per_prompt=1 sent more; the first one carries our seed.
+        return images[0]
+
+    def _error(self, refused: EndpointRefused) -> SdgateError:
+        if refused.status == 429:
+            return Busy(f"{self.where} is busy: {refused.message}", headers={"Retry-After": "5"})
+        if refused.status == 503:
+            return NotReady(f"{self.where} is not available: {refused.message}", headers={"Retry-After": "5"})
+        if refused.status == 424 or refused.status >= 500:
+            return BackendError(f"the model at {self.where} failed: {refused.message}")
+        return BackendError(f"{self.where} refused the request ({refused.status}): {refused.message}")
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
