@@ -104,6 +104,19 @@ class Canceled(SdgateError):
     type = "canceled"
 
 
+def error_of_type(type_: str, message: str, headers: dict[str, str] | None = None) -> SdgateError:
+    """The error a job recorded (its ``type`` and ``message``) as an exception again, with its status."""
+    classes: list[type[SdgateError]] = [SdgateError]
+    while classes:
+        cls = classes.pop()
+        if cls.__dict__.get("type") == type_:  # its own, not inherited
+            return cls(message, headers=headers)
+        classes.extend(cls.__subclasses__())
+    err = SdgateError(message, headers=headers)  # a type only jobs know (e.g. interrupted): a 500
+    err.type = type_
+    return err
+
+
 def new_error_id() -> str:
     return uuid.uuid4().hex[:12]
 

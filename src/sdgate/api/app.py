@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from sdgate import __version__
-from sdgate.api import health, images, metrics, native, sagemaker
+from sdgate.api import health, images, metrics, native, sagemaker, text2image
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
 from sdgate.api.middleware import BodyLimit
@@ -71,4 +71,5 @@ def create_app(
     app.include_router(images.router)
     app.include_router(metrics.router)
     app.include_router(sagemaker.router)
+    app.include_router(text2image.router)
     return app
