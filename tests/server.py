@@ -53,8 +53,12 @@ def start_server(
     env: dict[str, str] | None = None,
     ready: bool = True,
     timeout: float = 120,
+    python: str = sys.executable,
 ) -> ServerProcess:
-    """Run ``sdgate serve`` on a free loopback port and wait for /readyz (or /healthz when ``ready`` is False)."""
+    """Run ``sdgate serve`` on a free loopback port and wait for /readyz (or /healthz when ``ready`` is False).
+
+    ``python`` is the interpreter to run it with (another virtual environment's, say).
+    """
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / f"server-{port}.log"
@@ -63,7 +67,7 @@ def start_server(
     full_env.update(env or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sdgate.cli", "serve", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
+            [python, "-m", "sdgate.cli", "serve", *args], env=full_env, stdout=log, stderr=subprocess.STDOUT
         )
     server = ServerProcess(f"http://127.0.0.1:{port}", port, proc, data_dir, log_path)
     path = "/readyz" if ready else "/healthz"
