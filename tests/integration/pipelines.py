@@ -18,12 +18,20 @@ from sdgate.schemas import GenerationParams, GenerationRequest, ModelDefaults, r
 
 
 class ScriptedPipeline:
-    def __init__(self, inner: Any, *, fail_prompt: str | None = None, hold_prompt: str | None = None):
+    def __init__(
+        self,
+        inner: Any,
+        *,
+        fail_prompt: str | None = None,
+        fail_message: str = "scripted failure",
+        hold_prompt: str | None = None,
+    ):
         self._inner = inner
         # The engine swaps schedulers by assigning this attribute; keep our own slot so that
         # engines sharing the session's pipeline never see each other's scheduler.
         self.scheduler = inner.scheduler
         self.fail_prompt = fail_prompt
+        self.fail_message = fail_message
         self.hold_prompt = hold_prompt
         self.entered = threading.Event()
         self.release = threading.Event()
@@ -42,7 +50,7 @@ class ScriptedPipeline:
             if not self.release.wait(60):
                 raise RuntimeError("the test never released the held call")
         if self.fail_prompt is not None and self.fail_prompt in prompts:
-            raise RuntimeError(f"scripted failure for prompt {self.fail_prompt!r}")
+            raise RuntimeError(self.fail_message)
         saved = self._inner.scheduler
         self._inner.scheduler = self.scheduler
         try:
