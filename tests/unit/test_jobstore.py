@@ -1,0 +1,185 @@
+"""SqliteJobStore: the durable record of every job."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from sdgate.jobstore import JobRecord, SqliteJobStore
+from sdgate.schemas import JobStatus
+
+
+def record(created: float, status: JobStatus = JobStatus.queued, **kw: object) -> JobRecord:
+    return JobRecord(
+        id=uuid.uuid4().hex,
+        status=status,
+        created=created,
+        params={"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seeds": [7]},
+        model="tiny",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "jobs.sqlite3"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SqliteJobStore]:
+    s = SqliteJobStore(db_path)
+    yield s
+    s.close()
+
+
+def test_insert_then_get_returns_every_field(store: SqliteJobStore) -> None:
+    r = record(
+        1000.5,
+        owner="alice",
+        idempotency_key="k1",
+        request_hash="h",
+        webhook={"url": "https://example.com/h", "delivered": False, "attempts": []},
+    )
+    assert store.insert(r) is r
+    got = store.get(r.id)
+    assert got == r
+    assert got is not r
+    assert isinstance(got.status, JobStatus)
+
+
+def test_get_missing_is_none(store: SqliteJobStore) -> None:
+    assert store.get("nope") is None
+
+
+def test_save_writes_every_field(store: SqliteJobStore) -> None:
+    r = store.insert(record(1000.0))
+    r.status = JobStatus.succeeded
+    r.started, r.finished, r.attempts = 1001.0, 1002.0, 1
+    r.images = [{"url": "/images/k.jpeg", "key": "k.jpeg", "seed": 7, "width": 64, "height": 64}]
+    r.timings = {"inference": 12.5, "total": 20.0}
+    store.save(r)
+    got = store.get(r.id)
+    assert got == r
+    assert got is not None and got.status == JobStatus.succeeded
+
+
+def test_list_jobs_is_newest_first_with_limit_before_and_owner(store: SqliteJobStore) -> None:
+    rs = [store.insert(record(1000.0 + i, owner="alice" if i % 2 else "bob")) for i in range(6)]
+    newest_first = [r.id for r in reversed(rs)]
+    assert [r.id for r in store.list_jobs(owner=None, limit=100, before=None)] == newest_first
+    assert [r.id for r in store.list_jobs(owner=None, limit=2, before=None)] == newest_first[:2]
+    assert [r.id for r in store.list_jobs(owner=None, limit=2, before=1004.0)] == newest_first[2:4]
+    assert [r.id for r in store.list_jobs(owner=None, limit=100, before=1000.0)] == []
+    assert [r.id for r in store.list_jobs(owner="alice", limit=100, before=None)] == [rs[5].id, rs[3].id, rs[1].id]
+
+
+def test_paging_with_before_visits_every_job_once(store: SqliteJobStore) -> None:
+    ids = {store.insert(record(2000.0 + i * 0.001)).id for i in range(25)}
+    seen: list[str] = []
+    before = None
+    while True:
+        page = store.list_jobs(owner=None, limit=7, before=before)
+        seen += [r.id for r in page]
+        if len(page) < 7:
+            break
+        before = page[-1].created
+    assert len(seen) == len(set(seen)) == 25
+    assert set(seen) == ids
+
+
+def test_unfinished_are_queued_and_running_oldest_first(store: SqliteJobStore) -> None:
+    running = store.insert(record(1002.0, JobStatus.running, attempts=1))
+    queued = store.insert(record(1001.0))
+    for i, status in enumerate((JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)):
+        store.insert(record(1000.0 + i, status))
+    assert [r.id for r in store.unfinished()] == [queued.id, running.id]
+    queued.status = JobStatus.succeeded
+    store.save(queued)
+    assert [r.id for r in store.unfinished()] == [running.id]
+
+
+def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: SqliteJobStore) -> None:
+    old_done = [store.insert(record(100.0 + i, s)) for i, s in enumerate(JobStatus) if s.is_terminal()]
+    store.insert(record(50.0, JobStatus.queued))  # old but unfinished: never swept
+    store.insert(record(60.0, JobStatus.running))
+    store.insert(record(500.0, JobStatus.succeeded))  # finished but recent
+    assert [r.id for r in store.older_than(200.0)] == [r.id for r in old_done]
+    assert [r.id for r in store.older_than(200.0, limit=2)] == [r.id for r in old_done[:2]]
+    assert store.older_than(100.0) == []
+
+
+def test_delete(store: SqliteJobStore) -> None:
+    a, b, c = (store.insert(record(1000.0 + i)) for i in range(3))
+    store.delete([a.id, c.id])
+    store.delete([])
+    assert store.get(a.id) is None and store.get(c.id) is None
+    assert store.get(b.id) == b
+
+
+def test_idempotency_key_is_unique_per_owner(store: SqliteJobStore) -> None:
+    first = store.insert(record(1000.0, owner="alice", idempotency_key="k"))
+    again = store.insert(record(1001.0, owner="alice", idempotency_key="k"))
+    assert again.id == first.id  # the existing job, not a new one
+    assert len(store.list_jobs(owner="alice", limit=100, before=None)) == 1
+    other_owner = store.insert(record(1002.0, owner="bob", idempotency_key="k"))
+    assert other_owner.id != first.id
+    no_owner = store.insert(record(1003.0, idempotency_key="k"))
+    assert store.insert(record(1004.0, idempotency_key="k")).id == no_owner.id
+    assert store.by_idempotency_key("alice", "k") == first
+    assert store.by_idempotency_key(None, "k") == no_owner
+    assert store.by_idempotency_key("alice", "other") is None
+    # Without a key nothing is deduplicated.
+    assert store.insert(record(1005.0)).id != store.insert(record(1005.0)).id
+
+
+def test_idempotency_race_returns_the_winner(store: SqliteJobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two requests with one key both pass the lookup; the unique index lets one in, the other gets its job."""
+    winner = store.insert(record(1000.0, owner="alice", idempotency_key="k"))
+    real_lookup = store.by_idempotency_key
+    calls = []
+
+    def lookup_that_misses_once(owner: str | None, key: str) -> JobRecord | None:
+        calls.append(key)
+        return None if len(calls) == 1 else real_lookup(owner, key)
+
+    monkeypatch.setattr(store, "by_idempotency_key", lookup_that_misses_once)
+    loser = store.insert(record(1000.1, owner="alice", idempotency_key="k"))
+    assert loser.id == winner.id
+    assert len(calls) == 2  # it did reach the INSERT and fell back to the lookup
+
+
+def test_duplicate_id_without_key_raises(store: SqliteJobStore) -> None:
+    r = store.insert(record(1000.0))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.insert(r)
+
+
+def test_records_survive_close_and_reopen(db_path: Path) -> None:
+    s = SqliteJobStore(db_path)
+    running = s.insert(record(1000.0, JobStatus.running, attempts=1, idempotency_key="k"))
+    done = s.insert(record(1001.0))
+    done.status, done.images = JobStatus.succeeded, [{"url": "/images/x.jpeg", "key": "x.jpeg"}]
+    s.save(done)
+    s.close()
+
+    reopened = SqliteJobStore(db_path)
+    try:
+        assert reopened.get(running.id) == running
+        assert reopened.get(done.id) == done
+        assert [r.id for r in reopened.unfinished()] == [running.id]
+        assert reopened.by_idempotency_key(None, "k") == running  # the unique index survives too
+        assert reopened.insert(record(1002.0, idempotency_key="k")).id == running.id
+    finally:
+        reopened.close()
+
+
+def test_database_is_in_wal_mode(store: SqliteJobStore, db_path: Path) -> None:
+    store.insert(record(1000.0))
+    with sqlite3.connect(db_path) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        # Another connection (e.g. `sqlite3` on the command line) reads what was committed.
+        assert other.execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
