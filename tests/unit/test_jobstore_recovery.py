@@ -1,0 +1,179 @@
+"""JobRunner over a real SqliteJobStore and LocalStorage: recovery after a crash, and retention.
+
+The backend is a fast fake (the real engine is exercised end to end in tests/e2e/test_jobs*.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PIL import Image
+
+from sdgate.backends import BackendResult, ProgressFn
+from sdgate.config import Settings
+from sdgate.jobs import JobRunner, LiveJob
+from sdgate.jobstore import JobRecord, SqliteJobStore
+from sdgate.schemas import GeneratedImage, GenerationParams, JobStatus, ModelDefaults
+from sdgate.storage import new_key
+from sdgate.storage.local import LocalStorage
+
+
+class FakeBackend:
+    """Answers at once with flat images; records what it was asked to run."""
+
+    name = "fake"
+    model_name = "fake-model"
+
+    def __init__(self) -> None:
+        self.ran: list[GenerationParams] = []
+
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def ready(self) -> bool:
+        return True
+
+    def status_detail(self) -> str:
+        return "ready"
+
+    def defaults(self) -> ModelDefaults:
+        return ModelDefaults()
+
+    async def generate(
+        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+    ) -> BackendResult:
+        self.ran.append(params)
+        images = [GeneratedImage(Image.new("RGB", (params.width, params.height), "red"), s) for s in params.seeds]
+        return BackendResult(images=images)
+
+    def stats(self) -> dict[str, Any]:
+        return {}
+
+
+def params(seed: int) -> dict[str, Any]:
+    return {
+        "prompt": f"job {seed}",
+        "negative_prompt": None,
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "guidance_scale": 7.5,
+        "seeds": [seed],
+        "scheduler": None,
+        "output_format": "png",
+        "quality": 90,
+    }
+
+
+def record(status: JobStatus, created: float, attempts: int = 0, seed: int = 1) -> JobRecord:
+    return JobRecord(
+        id=uuid.uuid4().hex,
+        status=status,
+        created=created,
+        params=params(seed),
+        model="fake-model",
+        attempts=attempts,
+        started=created + 1 if status != JobStatus.queued else None,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+def make_runner(data_dir: Path) -> tuple[JobRunner, FakeBackend, SqliteJobStore, LocalStorage]:
+    settings = Settings(data_dir=data_dir, warmup=False)
+    backend = FakeBackend()
+    storage = LocalStorage(settings.images_dir)
+    store = SqliteJobStore(data_dir / "jobs.sqlite3")
+    return JobRunner(settings, backend, storage, store), backend, store, storage
+
+
+async def run_until_idle(runner: JobRunner, job_ids: list[str]) -> None:
+    await runner.start()
+    for job_id in job_ids:
+        job = runner.find(job_id)
+        if isinstance(job, LiveJob):
+            assert await runner.wait(job, timeout=30), f"job {job_id} did not finish"
+    await runner.close()
+
+
+def test_recovery_reruns_unfinished_jobs_and_fails_those_interrupted_twice(data_dir: Path) -> None:
+    runner, backend, store, storage = make_runner(data_dir)
+    now = time.time()
+    twice = store.insert(record(JobStatus.running, now - 30, attempts=2, seed=1))
+    once = store.insert(record(JobStatus.running, now - 20, attempts=1, seed=2))
+    queued = store.insert(record(JobStatus.queued, now - 10, seed=3))
+    done = store.insert(record(JobStatus.canceled, now - 40, seed=4))
+
+    asyncio.run(run_until_idle(runner, [twice.id, once.id, queued.id, done.id]))
+
+    # Interrupted on its second run: failed, not run a third time.
+    failed = store.get(twice.id)
+    assert failed is not None and failed.status == JobStatus.failed
+    assert failed.error is not None and failed.error["type"] == "interrupted"
+    assert failed.finished is not None and failed.images == []
+    # Interrupted once, and never started: run (again) and succeeded, with their images stored.
+    for rec, attempts in ((once, 2), (queued, 1)):
+        got = store.get(rec.id)
+        assert got is not None and got.status == JobStatus.succeeded, got
+        assert got.attempts == attempts
+        [img] = got.images
+        path = storage.path_for(img["key"])
+        assert path is not None and path.is_file()
+        assert path.stat().st_size == img["bytes"]
+    assert sorted(p.seeds[0] for p in backend.ran) == [2, 3]
+    # A finished job is left as it was.
+    assert store.get(done.id) == done
+    assert store.unfinished() == []
+    store.close()
+
+
+def test_sweep_removes_old_finished_jobs_and_their_images(data_dir: Path) -> None:
+    runner, _backend, store, storage = make_runner(data_dir)
+    now = time.time()
+
+    def with_image(rec: JobRecord) -> tuple[JobRecord, list[Path]]:
+        key = new_key("png")
+        storage.put(b"png", key, "image/png")
+        sidecar = key.rsplit(".", 1)[0] + ".json"
+        storage.put(b"{}", sidecar, "application/json")
+        rec.images = [{"url": storage.url_for(key), "key": key}]
+        store.insert(rec)
+        paths = [storage.path_for(key), storage.path_for(sidecar)]
+        assert all(p is not None and p.is_file() for p in paths)
+        return rec, [p for p in paths if p is not None]
+
+    old_done, old_files = with_image(record(JobStatus.succeeded, now - 7200))
+    old_failed = store.insert(record(JobStatus.failed, now - 7000))
+    old_queued = store.insert(record(JobStatus.queued, now - 7200))  # unfinished: never swept
+    recent, recent_files = with_image(record(JobStatus.succeeded, now - 60))
+
+    assert runner.sweep(max_age_s=3600) == 2
+
+    assert store.get(old_done.id) is None
+    assert store.get(old_failed.id) is None
+    assert not any(p.exists() for p in old_files), "a swept job's image or sidecar was left behind"
+    assert store.get(old_queued.id) is not None
+    assert store.get(recent.id) is not None
+    assert all(p.is_file() for p in recent_files)
+    assert runner.sweep(max_age_s=3600) == 0
+    store.close()
+
+
+def test_sweep_pages_through_more_than_one_batch(data_dir: Path) -> None:
+    runner, _backend, store, _storage = make_runner(data_dir)
+    old = time.time() - 7200
+    for i in range(510):  # older_than() hands out 500 at a time
+        store.insert(record(JobStatus.succeeded, old + i * 0.001))
+    assert runner.sweep(max_age_s=3600) == 510
+    assert store.list_jobs(owner=None, limit=10, before=None) == []
+    store.close()
