@@ -1,0 +1,159 @@
+"""The real ``sdgate`` command line in a subprocess: in process, against a server, and its errors."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdgate.imaging import read_metadata
+from tests.server import ServerProcess, free_port
+
+Completed = subprocess.CompletedProcess[str]
+
+
+def sdgate(data_dir: Path, *args: str, timeout: float = 180) -> Completed:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
+    env["SDGATE_DATA_DIR"] = str(data_dir)
+    return subprocess.run(
+        [sys.executable, "-m", "sdgate.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=data_dir.parent,
+    )
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    return d
+
+
+def with_tiny(data_dir: Path, tiny_model_dir: Path) -> Path:
+    """Seed the data directory's model cache with the built-in model (building it takes seconds)."""
+    shutil.copytree(tiny_model_dir, data_dir / "models" / tiny_model_dir.name)
+    return data_dir
+
+
+def assert_clean_error(proc: Completed, *words: str) -> None:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in proc.stdout
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert len(error_lines) == 1, proc.stderr
+    for word in words:
+        assert word in error_lines[0], proc.stderr
+
+
+def pixels(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"), dtype=np.int16)
+
+
+FOX = ["a red fox", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
+
+
+@pytest.fixture(scope="module")
+def in_process(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Completed, Path]:
+    """``sdgate generate`` in process, once for the module: the command and the image it wrote."""
+    root = tmp_path_factory.mktemp("cli")
+    data_dir = with_tiny(root / "data", tiny_model_dir)
+    out = root / "out.png"
+    return sdgate(data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:]), out
+
+
+def test_generate_in_process_writes_the_image_and_prints_the_seed(
+    in_process: tuple[Completed, Path],
+) -> None:
+    proc, out = in_process
+    assert proc.returncode == 0, proc.stderr
+    assert re.search(r"out\.png\s+seed=1\b", proc.stdout), proc.stdout
+    assert "Traceback" not in proc.stderr
+    with Image.open(out) as im:
+        assert im.format == "PNG"
+        assert im.size == (64, 64)
+    meta = read_metadata(out.read_bytes())
+    assert meta is not None
+    assert (meta["prompt"], meta["seed"], meta["model"]) == ("a red fox", 1, "tiny")
+
+
+def test_generate_against_a_server_writes_the_same_images(
+    server: ServerProcess, in_process: tuple[Completed, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "remote.png"
+    proc = sdgate(data_dir, "generate", FOX[0], "-o", str(out), "--url", server.url, *FOX[1:], "-n", "2", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    files = [tmp_path / "remote-0.png", tmp_path / "remote-1.png"]
+    for i, path in enumerate(files):
+        assert re.search(rf"{path.name}\s+seed={1 + i}\b", proc.stdout), proc.stdout
+        with Image.open(path) as im:
+            assert (im.format, im.size) == ("PNG", (64, 64))
+        meta = read_metadata(path.read_bytes())
+        assert meta is not None
+        assert (meta["prompt"], meta["seed"]) == ("a red fox", 1 + i)
+    # The same built-in model and seed give the same image, in process or on the server
+    # (the server ran both images in one batch: within 1 of the single image).
+    assert np.abs(pixels(files[0]) - pixels(in_process[1])).max() <= 1
+    assert not np.array_equal(pixels(files[0]), pixels(files[1]))
+    assert not (data_dir / "models").exists(), "--url must not load a model locally"
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--width", "65"], ["width", "multiple of 8"]),
+        (["--steps", "0"], ["num_inference_steps"]),
+        (["--scheduler", "karras"], ["karras", "euler_a"]),
+        (["--seed", "-1"], ["seed"]),
+    ],
+)
+def test_a_bad_input_is_a_one_line_error_before_any_model_work(
+    data_dir: Path, args: list[str], words: list[str]
+) -> None:
+    proc = sdgate(data_dir, "generate", "a red fox", "-o", str(data_dir / "out.png"), *args, timeout=60)
+    assert_clean_error(proc, *words)
+    assert proc.returncode == 1
+    assert not (data_dir / "out.png").exists()
+    assert not (data_dir / "models").exists(), "the model was loaded (or built) for a request that was invalid"
+
+
+def test_an_unsupported_output_extension_is_a_usage_error(data_dir: Path) -> None:
+    proc = sdgate(data_dir, "generate", "a red fox", "--output", str(data_dir / "x.gif"), timeout=60)
+    assert proc.returncode == 2  # click's usage error
+    assert "Traceback" not in proc.stderr
+    assert ".jpg" in proc.stderr
+    assert "x.gif" in proc.stderr
+
+
+def test_a_bad_setting_is_a_usage_error(data_dir: Path) -> None:
+    proc = sdgate(data_dir, "generate", "a red fox", "--max-batch-size", "0", timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "max_batch_size" in proc.stderr
+
+
+def test_a_server_side_rejection_is_a_clean_error(server: ServerProcess, data_dir: Path) -> None:
+    proc = sdgate(
+        data_dir, "generate", "a red fox", "-o", str(data_dir / "o.jpg"), "--url", server.url, "--width", "4096",
+        timeout=60,
+    )  # fmt: skip
+    assert_clean_error(proc, "width")
+
+
+def test_generate_against_a_closed_port_is_a_clean_error(data_dir: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    proc = sdgate(data_dir, "generate", "a red fox", "-o", str(data_dir / "o.jpg"), "--url", url, timeout=60)
+    assert_clean_error(proc, url)
+    assert proc.returncode == 1
+    assert not (data_dir / "o.jpg").exists()
