@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 
 from sdgate.api.context import AppContext, Ctx
 from sdgate.backends import BackendResult
-from sdgate.errors import InvalidRequest, SdgateError
+from sdgate.errors import Busy, InvalidRequest, SdgateError
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, TEXT, Invocation, parse_invocation, render_image, render_response
 from sdgate.jumpstart import generation_requests as jumpstart_requests
 from sdgate.schemas import GenerationParams, resolve_request
@@ -79,6 +79,11 @@ async def _invoke(request: Request, ctx: AppContext) -> Response:
     invocation = parse_invocation(
         await request.body(), request.headers.get("content-type"), request.headers.get("accept")
     )
+    # These calls skip the job queue (nothing is recorded or stored), so they get its bound here.
+    if int(ctx.backend.stats().get("queue_depth", 0)) >= ctx.settings.queue_size:
+        raise Busy(
+            f"the model's queue is full ({ctx.settings.queue_size} waiting); retry later", headers={"Retry-After": "5"}
+        )
     await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
     defaults = ctx.backend.defaults()
     params = [resolve_request(r, ctx.settings, defaults) for r in jumpstart_requests(invocation.payload)]

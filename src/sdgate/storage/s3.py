@@ -100,8 +100,10 @@ class S3Storage:
                     self.bucket,
                 )
                 return
+            # HEAD answers carry no body, hence no error code: the status says it.
+            reason = "it does not exist (NoSuchBucket)" if status == 404 else _describe(e)
             raise StorageError(
-                f"S3 bucket {self.bucket!r} is not usable: {_describe(e)} "
+                f"S3 bucket {self.bucket!r} is not usable: {reason} "
                 "(check SDGATE_S3_BUCKET, AWS_ENDPOINT_URL_S3 and the AWS credentials)"
             ) from e
         except BotoCoreError as e:

@@ -1,0 +1,119 @@
+"""Fixtures for the original AWS design, with real components on loopback.
+
+- ``s3_server``: moto's S3-protocol server in a thread on a free port, talked to over HTTP by real
+  boto3 clients (no ``mock_aws`` patching);
+- ``endpoint``: an ``sdgate serve --sagemaker`` process, the model endpoint;
+- ``aws_env``: the standard AWS variables a gateway process needs to use both.
+
+Import the fixtures into a test module with ``from tests.aws_fixtures import *``.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import boto3
+import pytest
+from moto.server import ThreadedMotoServer
+from PIL import Image
+
+from tests.server import ServerProcess, free_port, start_server
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+__all__ = ["aws_env", "bucket", "endpoint", "s3", "s3_server"]
+
+REGION = "us-east-1"
+FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# Small, fast generations for every test that goes through a gateway.
+FAST = {"SDGATE_DEFAULT_WIDTH": "64", "SDGATE_DEFAULT_HEIGHT": "64", "SDGATE_DEFAULT_STEPS": "2"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[str]:
+    """URL of a real S3-protocol server (moto) on a loopback port."""
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(s3_server: str) -> S3Client:
+    """A boto3 S3 client of the test itself, talking HTTP to ``s3_server``."""
+    client: S3Client = boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name=REGION,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    return client
+
+
+@pytest.fixture
+def bucket(s3: S3Client) -> str:
+    """A fresh, empty bucket for one test."""
+    name = f"sdgate-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def aws_env(s3_server: str) -> dict[str, str]:
+    """Standard AWS variables for a gateway process: fake credentials, a region, S3 at ``s3_server``."""
+    return {
+        **FAKE_CREDENTIALS,
+        "AWS_DEFAULT_REGION": REGION,
+        "AWS_ENDPOINT_URL_S3": s3_server,
+        # Nothing from the machine's own AWS setup may leak in.
+        "AWS_CONFIG_FILE": "/dev/null",
+        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+
+
+@pytest.fixture(scope="session")
+def endpoint(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Iterator[ServerProcess]:
+    """``sdgate serve --sagemaker``: the model endpoint (the tiny model, on a loopback port)."""
+    data_dir = tmp_path_factory.mktemp("endpoint")
+    (data_dir / "models").symlink_to(tiny_data_dir / "models")  # the tiny model, built once per session
+    srv = start_server(data_dir, "--sagemaker", env={"SDGATE_MAX_BATCH_WAIT_MS": "50", **FAST})
+    yield srv
+    srv.stop()
+
+
+def start_gateway(data_dir: Path, endpoint: ServerProcess, aws_env: dict[str, str], **env: str) -> ServerProcess:
+    """An ``sdgate serve`` gateway in front of ``endpoint``, by default through boto3 (backend sagemaker).
+
+    ``env`` adds or overrides ``SDGATE_*`` settings (storage, backend, public base URL, ...).
+    """
+    full = {
+        **aws_env,
+        "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
+        "SDGATE_BACKEND": "sagemaker",
+        "SDGATE_SAGEMAKER_ENDPOINT": "jumpstart-sd",
+        **FAST,
+        **env,
+    }
+    return start_server(data_dir, env=full, timeout=60)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int]:
+    """Size of a JPEG; fails the test if ``data`` is anything else."""
+    with Image.open(io.BytesIO(data)) as im:
+        assert im.format == "JPEG", im.format
+        im.load()
+        return im.size
+
+
+def objects(s3: S3Client, bucket: str) -> dict[str, dict[str, Any]]:
+    """Every object of ``bucket`` with its head (content type, cache control, size)."""
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket).get("Contents", [])]
+    return {k: dict(s3.head_object(Bucket=bucket, Key=k)) for k in keys}
