@@ -220,6 +220,57 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
 
 
 @main.group()
+def keys() -> None:
+    """Create, list and revoke API keys (stored, hashed, under SDGATE_DATA_DIR)."""
+
+
+def _key_store(data_dir: str | None) -> Any:
+    from sdgate.keys import KeyStore
+
+    settings = build_settings({"data_dir": data_dir})
+    return KeyStore(settings.data_dir / "keys.sqlite3")
+
+
+_data_dir_option = click.option("--data-dir", help="State directory [env: SDGATE_DATA_DIR].")
+
+
+@keys.command("create")
+@click.option("--name", required=True, help="Who or what the key is for.")
+@click.option("--rate", type=click.IntRange(min=1), help="Generation requests per minute (default: server setting).")
+@click.option("--quota", type=click.IntRange(min=1), help="Images per day (default: server setting).")
+@_data_dir_option
+def keys_create(name: str, rate: int | None, quota: int | None, data_dir: str | None) -> None:
+    """Create a key and print it once; only its hash is stored."""
+    plain, key = _key_store(data_dir).create(name, rate, quota)
+    click.echo(plain)
+    click.echo(f"key id {key.id} for {name!r}: store it now, it cannot be shown again", err=True)
+
+
+@keys.command("list")
+@_data_dir_option
+def keys_list(data_dir: str | None) -> None:
+    """All keys (ids and names, never the keys themselves)."""
+    import datetime as dt
+
+    for key in _key_store(data_dir).list():
+        created = dt.datetime.fromtimestamp(key.created, dt.UTC).strftime("%Y-%m-%d %H:%M")
+        state = "revoked" if key.revoked else "active"
+        limits = f"rate={key.rate_per_min or '-'}/min quota={key.images_per_day or '-'}/day"
+        click.echo(f"{key.id}  {state:<7}  {created}  {limits}  {key.name}")
+
+
+@keys.command("revoke")
+@click.argument("id_or_name")
+@_data_dir_option
+def keys_revoke(id_or_name: str, data_dir: str | None) -> None:
+    """Revoke a key by id or name; it stops working at once."""
+    n = _key_store(data_dir).revoke(id_or_name)
+    if n == 0:
+        raise click.ClickException(f"no key with id or name {id_or_name!r}")
+    click.echo(f"revoked {n} key(s)")
+
+
+@main.group()
 def jobs() -> None:
     """List, show and cancel jobs on a running server."""
 

@@ -6,6 +6,7 @@ built once at the entry point and passed in; nothing reads the environment behin
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -34,6 +35,15 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return value
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost", ""):
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _default_data_dir() -> Path:
@@ -93,6 +103,17 @@ class Settings(BaseSettings):
     max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted.")
     max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
+
+    # -- access -----------------------------------------------------------------------------------
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto", description="API keys: auto (required unless bound to loopback), on, or off (loud warning)."
+    )
+    rate_limit_per_min: int | None = Field(
+        60, ge=1, description="Default generation requests per minute per key (a key's own limit wins)."
+    )
+    images_per_day: int | None = Field(
+        None, ge=1, description="Default daily image quota per key (a key's own quota wins); none when unset."
+    )
 
     # -- jobs -----------------------------------------------------------------------------------
     queue_size: int = Field(64, ge=1, le=100_000, description="Most jobs waiting to run; beyond that 429.")
@@ -173,6 +194,15 @@ class Settings(BaseSettings):
         if "model" not in explicitly_set and Path("/opt/ml/model").is_dir():
             update["model"] = "/opt/ml/model"
         return self.model_copy(update=update)
+
+    @property
+    def auth_required(self) -> bool:
+        """Keys are needed unless explicitly off, or 'auto' on a loopback-only bind."""
+        if self.auth == "on":
+            return True
+        if self.auth == "off":
+            return False
+        return not is_loopback(self.host)
 
     @property
     def images_dir(self) -> Path:

@@ -56,6 +56,27 @@ class PayloadTooLarge(SdgateError):
     type = "payload_too_large"
 
 
+class Unauthorized(SdgateError):
+    """No API key, or one that does not exist."""
+
+    status = 401
+    type = "unauthorized"
+
+
+class Forbidden(SdgateError):
+    """A known key that may not do this (revoked)."""
+
+    status = 403
+    type = "forbidden"
+
+
+class RateLimited(SdgateError):
+    """The key's request rate or daily image quota is used up."""
+
+    status = 429
+    type = "rate_limited"
+
+
 class NotFound(SdgateError):
     status = 404
     type = "not_found"

@@ -6,17 +6,19 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from sdgate import __version__
 from sdgate.api import health, images, metrics, native, sagemaker, text2image
+from sdgate.api.auth import Guard, authenticate
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
 from sdgate.api.middleware import BodyLimit
 from sdgate.backends import Backend, create_backend
-from sdgate.config import Settings
+from sdgate.config import Settings, is_loopback
 from sdgate.jobs import JobRunner
 from sdgate.jobstore import JobStore, SqliteJobStore
+from sdgate.keys import KeyStore
 from sdgate.storage import Storage, create_storage
 
 log = logging.getLogger("sdgate.api")
@@ -34,11 +36,13 @@ def create_app(
     storage = storage or create_storage(settings)
     store = store or SqliteJobStore(settings.data_dir / "jobs.sqlite3")
     jobs = JobRunner(settings, backend, storage, store)
-    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs)
+    guard = Guard(settings, KeyStore(settings.data_dir / "keys.sqlite3"))
+    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard)
 
     # 2. lifecycle: the model loads in the background so that /healthz answers at once
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        _warn_about_access(settings, guard)
         storage.check()
         await backend.start()
         log.info(
@@ -55,6 +59,7 @@ def create_app(
             await jobs.close()
             await backend.close()
             store.close()
+            guard.keys.close()
 
     # 3. app, errors, routes
     app = FastAPI(
@@ -62,8 +67,10 @@ def create_app(
         version=__version__,
         description="Stable Diffusion behind an open HTTP API; answers with URLs of stored images.",
         lifespan=lifespan,
+        dependencies=[Depends(authenticate)],
     )
     app.state.ctx = ctx
+    app.state.guard = guard
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.include_router(native.router)
@@ -73,3 +80,14 @@ def create_app(
     app.include_router(sagemaker.router)
     app.include_router(text2image.router)
     return app
+
+
+def _warn_about_access(settings: Settings, guard: Guard) -> None:
+    if settings.auth == "off" and not is_loopback(settings.host):
+        log.warning(
+            "!!! API keys are OFF and sdgate listens on %s: anyone who can reach it can use your GPU "
+            "and read every job. Set SDGATE_AUTH=auto (the default) unless something in front checks keys. !!!",
+            settings.host,
+        )
+    elif settings.auth_required and guard.keys.count() == 0:
+        log.warning("API keys are required but none exist: create one with `sdgate keys create --name NAME`")

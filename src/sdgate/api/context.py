@@ -7,6 +7,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from sdgate.api.auth import Guard
 from sdgate.backends import Backend
 from sdgate.config import Settings
 from sdgate.errors import UnsupportedMediaType
@@ -20,6 +21,7 @@ class AppContext:
     backend: Backend
     storage: Storage
     jobs: JobRunner
+    guard: Guard
 
 
 def get_context(request: Request) -> AppContext:

@@ -74,6 +74,7 @@ async def create_generation(
         await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
     params = resolve_request(body, ctx.settings, ctx.backend.defaults())
     ctx.jobs.check_webhook(body.webhook_url)
+    ctx.guard.charge_images(request.state.api_key, params.num_images)
     # 2. record and queue
     job, _created = ctx.jobs.submit(
         params,

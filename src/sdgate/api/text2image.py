@@ -95,6 +95,7 @@ async def _generate(prompt: str, request: Request, ctx: AppContext) -> Generatio
     """
     await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
     params = resolve_request(GenerationRequest(prompt=prompt), ctx.settings, ctx.backend.defaults())
+    ctx.guard.charge_images(getattr(request.state, "api_key", None), params.num_images)
     job, _created = ctx.jobs.submit(params, owner=owner_of(request))
     await ctx.jobs.wait(job, ctx.settings.backend_timeout_s)
     view = ctx.jobs.view(job)
