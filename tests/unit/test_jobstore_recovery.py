@@ -177,3 +177,23 @@ def test_sweep_pages_through_more_than_one_batch(data_dir: Path) -> None:
     assert runner.sweep(max_age_s=3600) == 510
     assert store.list_jobs(owner=None, limit=10, before=None) == []
     store.close()
+
+
+def test_retention_setting_runs_the_sweep_in_the_background(data_dir: Path) -> None:
+    settings = Settings(data_dir=data_dir, warmup=False, retention="1h")
+    store = SqliteJobStore(data_dir / "jobs.sqlite3")
+    runner = JobRunner(settings, FakeBackend(), LocalStorage(settings.images_dir), store)
+    old = store.insert(record(JobStatus.succeeded, time.time() - 2 * 3600))
+    recent = store.insert(record(JobStatus.succeeded, time.time() - 60))
+
+    async def scenario() -> None:
+        await runner.start()
+        deadline = time.monotonic() + 30
+        while store.get(old.id) is not None:
+            assert time.monotonic() < deadline, "SDGATE_RETENTION=1h did not sweep a two-hour-old job"
+            await asyncio.sleep(0.02)
+        await runner.close()
+
+    asyncio.run(scenario())
+    assert store.get(recent.id) is not None
+    store.close()
