@@ -5,7 +5,6 @@ Every setting is a flag here and an ``SDGATE_*`` environment variable; flags win
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -58,13 +57,10 @@ def _env_names() -> set[str]:
     return {k[len("SDGATE_") :].lower() for k in os.environ if k.startswith("SDGATE_")}
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # diffusers/transformers are chatty about things users cannot act on.
-    for noisy in ("diffusers", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    from sdgate import logs
+
+    logs.setup(level, fmt)
 
 
 @click.group()
@@ -83,7 +79,7 @@ def serve(**options: Any) -> None:
 
     # 1. settings and logging
     settings = build_settings(options)
-    _setup_logging(settings.log_level)
+    _setup_logging(settings.log_level, settings.log_format)
     # 2. app
     app = create_app(settings)
     click.echo(f"sdgate serving {settings.model} on http://{settings.host}:{settings.port}", err=True)
@@ -93,6 +89,7 @@ def serve(**options: Any) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # logging is set up above (JSON lines with request ids)
         timeout_graceful_shutdown=30,
     )
 

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
     data_dir: Path = Field(default_factory=_default_data_dir, description="All state lives here.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    log_format: Literal["auto", "json", "text"] = Field(
+        "auto", description="Log lines as JSON or text; auto: JSON unless stderr is a terminal."
+    )
 
     # -- model / engine -------------------------------------------------------------------------
     model: str = Field(

@@ -39,6 +39,7 @@ from sdgate.errors import (
 )
 from sdgate.imaging import CONTENT_TYPES, EXTENSIONS, encode
 from sdgate.jobstore import JobRecord, JobStore
+from sdgate.metrics import Metrics
 from sdgate.schemas import (
     ErrorInfo,
     GeneratedImage,
@@ -102,11 +103,14 @@ class LiveJob:
 class JobRunner:
     """Accepts, runs, tracks and finishes jobs."""
 
-    def __init__(self, settings: Settings, backend: Backend, storage: Storage, store: JobStore):
+    def __init__(
+        self, settings: Settings, backend: Backend, storage: Storage, store: JobStore, metrics: Metrics | None = None
+    ):
         self.settings = settings
         self.backend = backend
         self.storage = storage
         self.store = store
+        self.metrics = metrics or Metrics()
         self._live: dict[str, LiveJob] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -408,6 +412,9 @@ class JobRunner:
         if "total" not in job.record.timings:
             job.record.timings["total"] = round((job.record.finished - job.record.created) * 1000, 2)
         self.store.save(job.record)
+        self.metrics.job_finished(
+            status.value, job.record.timings, len(job.record.images), error["type"] if error else None
+        )
         self._publish(job, status.value)
         job.done.set()
         if job.record.webhook:

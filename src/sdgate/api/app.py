@@ -9,16 +9,18 @@ from contextlib import asynccontextmanager
 from fastapi import Depends, FastAPI
 
 from sdgate import __version__
-from sdgate.api import health, images, metrics, native, sagemaker, text2image
+from sdgate.api import health, images, native, sagemaker, text2image
+from sdgate.api import metrics as metrics_route
 from sdgate.api.auth import Guard, authenticate
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
-from sdgate.api.middleware import BodyLimit
+from sdgate.api.middleware import BodyLimit, RequestContext
 from sdgate.backends import Backend, create_backend
 from sdgate.config import Settings, is_loopback
 from sdgate.jobs import JobRunner
 from sdgate.jobstore import JobStore, SqliteJobStore
 from sdgate.keys import KeyStore
+from sdgate.metrics import Metrics
 from sdgate.storage import Storage, create_storage
 
 log = logging.getLogger("sdgate.api")
@@ -35,7 +37,9 @@ def create_app(
     backend = backend or create_backend(settings)
     storage = storage or create_storage(settings)
     store = store or SqliteJobStore(settings.data_dir / "jobs.sqlite3")
-    jobs = JobRunner(settings, backend, storage, store)
+    metrics = Metrics()
+    metrics.watch_backend(backend.stats, backend.ready)
+    jobs = JobRunner(settings, backend, storage, store, metrics)
     guard = Guard(settings, KeyStore(settings.data_dir / "keys.sqlite3"))
     ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard)
 
@@ -71,12 +75,14 @@ def create_app(
     )
     app.state.ctx = ctx
     app.state.guard = guard
+    app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413s included
     app.include_router(native.router)
     app.include_router(health.router)
     app.include_router(images.router)
-    app.include_router(metrics.router)
+    app.include_router(metrics_route.router)
     app.include_router(sagemaker.router)
     app.include_router(text2image.router)
     return app

@@ -1,11 +1,20 @@
-"""ASGI middleware: a cap on request bodies, enforced while reading, not only by Content-Length."""
+"""ASGI middleware: a cap on request bodies (enforced while reading), request ids, access log, HTTP metrics."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
+import time
+import uuid
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sdgate import logs
+from sdgate.metrics import Metrics
+
+_access = logging.getLogger("sdgate.access")
 
 
 class BodyLimit:
@@ -61,3 +70,56 @@ class BodyLimit:
             }
         )
         await send({"type": "http.response.body", "body": body})
+
+
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestContext:
+    """Request id in and out (``X-Request-Id``), one access-log line and HTTP metrics per request."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = dict(scope.get("headers", [])).get(b"x-request-id", b"").decode("latin-1")
+        # A client's id is kept only if it is harmless in headers and logs (no header injection).
+        rid = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+        token = logs.request_id.set(rid)
+        start = time.perf_counter()
+        status = 500
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", rid.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "unmatched"
+            elapsed = time.perf_counter() - start
+            self.metrics.http_requests.labels(template, scope["method"], str(status)).inc()
+            self.metrics.http_latency.labels(template).observe(elapsed)
+            if template not in ("/healthz", "/readyz", "/ping", "/metrics"):
+                _access.info(
+                    "%s %s %d",
+                    scope["method"],
+                    template,
+                    status,
+                    extra={
+                        "method": scope["method"],
+                        "route": template,
+                        "status": status,
+                        "duration_ms": round(elapsed * 1000, 2),
+                    },
+                )
+            logs.request_id.reset(token)

@@ -96,6 +96,9 @@ def load_model(
     """Steps: resolve the spec → choose device/dtype → load → move → configure."""
     import torch  # noqa: F401  (fail early and clearly if the engine extra is missing)
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
 
     # 1. device and dtype
     dev = pick_device(device)
