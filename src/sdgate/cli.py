@@ -90,7 +90,7 @@ def serve(**options: Any) -> None:
         port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # logging is set up above (JSON lines with request ids)
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
 
 
@@ -326,6 +326,33 @@ def jobs_show(url: str, job_id: str) -> None:
 def jobs_cancel(url: str, job_id: str) -> None:
     """Cancel a queued or running job."""
     _print_job(_jobs_call(lambda c: c.cancel(job_id), url))
+
+
+@main.command("train-demo")
+@click.option(
+    "--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the pipeline."
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of weights, data and noise.")
+@click.option("--vae-steps", type=int, help="VAE training steps [default: the shipped model's].")
+@click.option("--unet-steps", type=int, help="Text encoder + UNet training steps [default: the shipped model's].")
+@click.option("--threads", type=int, help="torch threads [default: 1, fastest on a shared two-core machine].")
+def train_demo(
+    out: Path, seed: int, vae_steps: int | None, unet_steps: int | None, threads: int | None
+) -> None:
+    """Train the built-in `demo` model on generated scenes (CPU) and save it to --out.
+
+    The defaults reproduce the shipped weights; see sdgate/models/demo/MODEL_CARD.md.
+    """
+    from dataclasses import replace
+
+    from sdgate.demo.train import TrainConfig
+    from sdgate.demo.train import train_demo as run
+
+    given = {"vae_steps": vae_steps, "unet_steps": unet_steps, "threads": threads}
+    cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    _setup_logging("warning")
+    run(out, cfg, log=lambda line: click.echo(line, err=True))
+    click.echo(str(out))
 
 
 if __name__ == "__main__":  # pragma: no cover

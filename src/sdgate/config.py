@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     backend_url: str | None = Field(None, description="Base URL of another sdgate / JumpStart server (backend http).")
     backend_timeout_s: float = Field(300.0, gt=0, description="Timeout for one remote generation.")
 
+    shutdown_grace_s: float = Field(
+        30.0, ge=0, le=3600, description="On SIGTERM, how long running jobs may finish before the process exits."
+    )
+
     # -- limits ---------------------------------------------------------------------------------
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width*height a request may ask for.")
     max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")

@@ -116,6 +116,7 @@ class JobRunner:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(settings.max_concurrency)
         self._recent_ms: list[float] = []
+        self._closing = False
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -126,7 +127,20 @@ class JobRunner:
         if self.settings.retention_s:
             self._spawn(self._retention_loop(self.settings.retention_s))
 
-    async def close(self) -> None:
+    async def close(self, grace_s: float = 30.0) -> None:
+        """Graceful stop: take no new work, let running jobs finish (up to ``grace_s``), leave the rest.
+
+        Queued jobs stay ``queued`` in the store and running ones that outlast the grace period stay
+        ``running``; the next start recovers both.
+        """
+        self._closing = True
+        for job in self._live.values():
+            if job.record.status == JobStatus.queued:
+                job.cancel.set()  # the engine drops it; _execute leaves the record queued
+        running = [j.done.wait() for j in self._live.values() if j.record.status == JobStatus.running]
+        if running:
+            log.info("waiting up to %.0f s for %d running job(s)", grace_s, len(running))
+            await asyncio.wait([asyncio.ensure_future(w) for w in running], timeout=grace_s)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -186,6 +200,8 @@ class JobRunner:
         webhook_url: str | None = None,
     ) -> tuple[LiveJob | JobRecord, bool]:
         """Record and queue a job. Returns (job, created); an idempotent repeat returns the first job."""
+        if self._closing:
+            raise NotReady("the server is shutting down; retry on another instance", headers={"Retry-After": "5"})
         if idempotency_key is not None:
             existing = self._find_idempotent(owner, idempotency_key)
             if existing is not None:
@@ -394,6 +410,8 @@ class JobRunner:
         except asyncio.CancelledError:
             raise  # shutdown: the record stays queued/running and is recovered at next start
         except SdgateError as e:
+            if self._closing and job.record.status == JobStatus.queued:
+                return  # dropped by the shutdown, not by the user: stays queued for the next start
             status = JobStatus.canceled if e.type == "canceled" else JobStatus.failed
             self._finish(job, status, error={"type": e.type, "message": e.message})
         except Exception as e:

@@ -60,7 +60,7 @@ def create_app(
         try:
             yield
         finally:
-            await jobs.close()
+            await jobs.close(settings.shutdown_grace_s)
             await backend.close()
             store.close()
             guard.keys.close()
