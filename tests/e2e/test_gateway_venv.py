@@ -1,0 +1,80 @@
+"""The gateway installs and runs without the engine extra: a fresh virtual environment with no torch.
+
+Slow (a real ``pip install`` of sdgate with the ``aws`` extra, from the local package cache), but it
+is the only honest proof that the gateway path does not need the model libraries.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.aws_fixtures import *  # noqa: F403
+from tests.aws_fixtures import FAST, jpeg_size
+from tests.server import ServerProcess, start_server
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def gateway_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The interpreter of a new virtual environment holding ``sdgate[aws]`` and nothing else."""
+    root = tmp_path_factory.mktemp("gateway-venv")
+    project = root / "project"  # a copy, so that building it leaves the working tree alone
+    project.mkdir()
+    shutil.copy(ROOT / "pyproject.toml", project)
+    shutil.copy(ROOT / "README.md", project)
+    shutil.copytree(ROOT / "src", project / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    venv = root / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", f"{project}[aws]"],
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
+    yield python
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # a pip install on a busy machine
+def test_gateway_without_the_engine_extra_serves_text2image(
+    gateway_python: Path,
+    tmp_path: Path,
+    endpoint: ServerProcess,
+    aws_env: dict[str, str],
+    bucket: str,
+) -> None:
+    for module in ("torch", "diffusers", "transformers"):
+        probe = subprocess.run([str(gateway_python), "-c", f"import {module}"], capture_output=True, timeout=60)
+        assert probe.returncode != 0, f"{module} is installed in the gateway's environment"
+
+    gateway = start_server(
+        tmp_path,
+        python=str(gateway_python),
+        env={
+            **aws_env,
+            **FAST,
+            "AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME": endpoint.url,
+            "SDGATE_BACKEND": "sagemaker",
+            "SDGATE_SAGEMAKER_ENDPOINT": "jumpstart-sd",
+            "SDGATE_STORAGE": "s3",
+            "SDGATE_S3_BUCKET": bucket,
+        },
+        timeout=60,
+    )
+    try:
+        resp = httpx.post(f"{gateway.url}/text2image", json={"text": "a paper boat"}, timeout=120)
+        assert resp.status_code == 200, resp.text + gateway.log()
+        got = httpx.get(resp.json()["body"], timeout=30)
+    finally:
+        gateway.stop()
+    assert got.status_code == 200
+    assert jpeg_size(got.content) == (64, 64)
