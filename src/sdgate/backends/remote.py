@@ -37,12 +37,17 @@ _ACCEPT_REFUSALS = (400, 406, 415)
 
 
 class EndpointRefused(Exception):
-    """The endpoint answered with an error status; ``message`` is its own words."""
+    """The endpoint answered with an error status; ``message`` is its own words.
 
-    def __init__(self, status: int, message: str):
+    ``by_model`` is False when a service in front of the model answered instead (SageMaker's own
+    validation, say): such a refusal is never about the Accept type.
+    """
+
+    def __init__(self, status: int, message: str, *, by_model: bool = True):
         super().__init__(f"{status}: {message}")
         self.status = status
         self.message = message
+        self.by_model = by_model
 
 
 class RemoteBackend:
@@ -112,7 +117,7 @@ class RemoteBackend:
         try:
             answer = await self._call(body, accept)
         except EndpointRefused as refused:
-            if accept != JPEG_ACCEPT or refused.status not in _ACCEPT_REFUSALS:
+            if accept != JPEG_ACCEPT or not refused.by_model or refused.status not in _ACCEPT_REFUSALS:
                 raise self._error(refused) from None
             try:
                 answer = await self._call(body, JSON)

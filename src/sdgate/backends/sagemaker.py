@@ -138,4 +138,6 @@ def _refused(response: Any) -> EndpointRefused:
         status = 429
     elif code in ("ServiceUnavailable", "ModelNotReadyException"):
         status = 503
-    return EndpointRefused(status, f"{code}: {message}" if code and not code.isdigit() else message)
+    text = f"{code}: {message}" if code and not code.isdigit() else message
+    # Only a ModelError carries the container's own answer; every other error is SageMaker's.
+    return EndpointRefused(status, text, by_model=code == "ModelError")
