@@ -269,8 +269,18 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ErrorDetail(BaseModel):
+    """``error`` of every error body: a stable ``type``, a ``message`` that says what to fix, maybe more."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    message: str
+    field: str | None = None
+
+
 class ErrorBody(BaseModel):
-    error: dict[str, Any]
+    error: ErrorDetail
 
 
 @dataclass

@@ -12,17 +12,25 @@ import math
 import threading
 import time
 from collections import deque
+from typing import Any
 
 from fastapi import Request
 
 from sdgate.config import Settings
 from sdgate.errors import Forbidden, RateLimited, Unauthorized
 from sdgate.keys import ApiKey, InvalidKey, KeyStore, RevokedKey
+from sdgate.schemas import ErrorBody
 
 _OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/ping", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
 _SAGEMAKER_OPEN = frozenset({"/invocations"})
+
+# In the OpenAPI schema of every route that needs a key (when keys are required).
+AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"model": ErrorBody, "description": "no API key, or an unknown or malformed one"},
+    403: {"model": ErrorBody, "description": "the API key was revoked"},
+}
 
 
 class RateLimiter:

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from sdgate.api.auth import AUTH_RESPONSES
 from sdgate.api.context import Ctx, JsonBody, absolute_url
 from sdgate.errors import SdgateError
 from sdgate.jobs import LiveJob, request_hash
@@ -27,7 +28,8 @@ from sdgate.schemas import (
 router = APIRouter(prefix="/v1", tags=["generations"], dependencies=[JsonBody])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 500, 502, 503)
+    **AUTH_RESPONSES,
+    **{code: {"model": ErrorBody} for code in (400, 404, 409, 413, 415, 422, 429, 500, 502, 503)},
 }
 _ASYNC: dict[int | str, dict[str, Any]] = {
     202: {"model": GenerationResponse, "description": "accepted; poll Location or read its events"}
@@ -156,7 +158,7 @@ async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingRespon
     )
 
 
-@router.get("/models", response_model=ModelList, tags=["models"])
+@router.get("/models", response_model=ModelList, responses=AUTH_RESPONSES, tags=["models"])
 async def list_models(ctx: Ctx) -> ModelList:
     """The model this server runs, with the defaults a request gets when it leaves fields out."""
     d = ctx.backend.defaults()

@@ -47,6 +47,10 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
         "content": {JSON: {}},
     },
     400: {"description": "ValidationError"},
+    401: {
+        "description": "no API key, or an unknown one (when keys are required; /invocations is open in SageMaker mode)"
+    },
+    403: {"description": "the API key was revoked"},
     424: {"description": "ModelError: the model failed"},
     429: {"description": "ThrottlingException: busy, retry later"},
     503: {"description": "ServiceUnavailable: the model is not loaded yet"},

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from sdgate.api.auth import AUTH_RESPONSES
 from sdgate.api.context import AppContext, Ctx, JsonBody, absolute_url
 from sdgate.api.native import owner_of
 from sdgate.errors import InvalidRequest, error_of_type
@@ -47,10 +48,26 @@ class Text2ImageResponse(BaseModel):
     body: str = Field(..., description="The image URL.")
 
 
-_ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorBody} for code in (413, 415, 422, 429, 500, 502, 503)}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    **AUTH_RESPONSES,
+    **{code: {"model": ErrorBody} for code in (400, 409, 413, 415, 422, 429, 500, 502, 503)},
+}
+# The page route's errors are JSON too: spelled out, since FastAPI would list a model under text/html.
+_PAGE_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {
+        "description": doc.get("description", "error"),
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}},
+    }
+    for code, doc in _ERRORS.items()
+}
 
 
-@router.post("/text2image", response_model=Text2ImageResponse, responses=_ERRORS, dependencies=[JsonBody])
+@router.post(
+    "/text2image",
+    response_model=Text2ImageResponse,
+    responses={202: {"model": Text2ImageResponse, "description": "still running; body: its job URL"}, **_ERRORS},
+    dependencies=[JsonBody],
+)
 async def text2image(body: Text2ImageRequest, request: Request, ctx: Ctx) -> Any:
     """Generate one image from ``text``; answers ``{"statusCode": 200, "body": "<image url>"}``."""
     job = await _generate(body.text, request, ctx)
@@ -66,7 +83,11 @@ async def text2image(body: Text2ImageRequest, request: Request, ctx: Ctx) -> Any
 @router.get(
     "/text2image",
     response_class=HTMLResponse,
-    responses={200: {"content": {"text/html": {}}, "description": "a page with the prompt and the image"}, **_ERRORS},
+    responses={
+        200: {"content": {"text/html": {}}, "description": "a page with the prompt and the image"},
+        202: {"content": {"text/html": {}}, "description": "a page that says the image is still being drawn"},
+        **_PAGE_ERRORS,
+    },
 )
 async def text2image_page(
     request: Request,
