@@ -1,0 +1,141 @@
+"""Every route of the OpenAPI schema, fuzzed by schemathesis against a real ``sdgate serve`` process.
+
+Valid and invalid inputs (bodies, query strings, path parameters, headers) alike must never get a
+5xx, and every response must be one the schema documents, in the documented shape. Keys are on:
+most cases send a valid key (in either header), the rest none or a junk one, so the 401s must be
+documented too.
+
+Bounded so that it stays about a minute on two cores: a few dozen examples per operation, images
+of at most 64x64 and steps capped low, so that accepted generations are fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from schemathesis import GenerationMode
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from tests.apikeys import create_key
+from tests.server import ServerProcess, start_server
+
+MAX_EXAMPLES = 25
+REQUEST_TIMEOUT_S = 30  # a generation of at most 64x64 and 2 steps, on a busy machine
+
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
+
+# Every operation in the schema; test_every_route_is_fuzzed fails when a new one is not listed here.
+ROUTES = [
+    ("POST", "/v1/generations"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{job_id}"),
+    ("POST", "/v1/jobs/{job_id}/cancel"),
+    ("GET", "/v1/jobs/{job_id}/events"),
+    ("GET", "/v1/models"),
+    ("GET", "/healthz"),
+    ("GET", "/readyz"),
+    ("GET", "/images/{key}"),
+    ("GET", "/metrics"),
+    ("GET", "/ping"),
+    ("POST", "/invocations"),
+    ("POST", "/endpoints/{endpoint_name}/invocations"),
+    ("POST", "/text2image"),
+    ("GET", "/text2image"),
+]
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
+    data_dir = tmp_path_factory.mktemp("fuzz")
+    key = create_key(data_dir, "fuzzer")
+    srv = start_server(
+        data_dir,
+        env={
+            "SDGATE_AUTH": "on",
+            "SDGATE_RATE_LIMIT_PER_MIN": "100000",
+            "SDGATE_MAX_PIXELS": str(64 * 64),
+            "SDGATE_MAX_IMAGES": "2",
+            "SDGATE_DEFAULT_STEPS": "1",
+            "SDGATE_QUEUE_SIZE": "4",
+            "SDGATE_SYNC_TIMEOUT": "10",
+        },
+    )
+    yield srv, key
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz_server: tuple[ServerProcess, str]) -> Any:
+    srv, _ = fuzz_server
+    return schemathesis.openapi.from_url(f"{srv.url}/openapi.json")
+
+
+def few_steps(body: Any) -> Any:
+    """The fuzzer may ask for up to 150 steps: valid, but slow on a CPU. Out-of-range values are
+    kept, so the validation of the field is still fuzzed."""
+    if isinstance(body, dict):
+        steps = body.get("num_inference_steps")
+        if isinstance(steps, int) and not isinstance(steps, bool) and 2 < steps <= 150:
+            return {**body, "num_inference_steps": 2}
+    return body
+
+
+def test_every_route_is_fuzzed(api_schema: Any) -> None:
+    in_schema = {(op.ok().method.upper(), op.ok().path) for op in api_schema.get_all_operations()}
+    assert in_schema == set(ROUTES)
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES, ids=[f"{m} {p}" for m, p in ROUTES])
+def test_no_route_answers_5xx_or_outside_its_schema(
+    method: str, path: str, api_schema: Any, fuzz_server: tuple[ServerProcess, str]
+) -> None:
+    _, key = fuzz_server
+    operation = api_schema[path][method]
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
+
+    # Mostly a valid key, so that most cases reach the route; the rest must be a documented 401.
+    auth = st.sampled_from(
+        [{"X-API-Key": key}, {"Authorization": f"Bearer {key}"}, {"X-API-Key": key}, {}, {"X-API-Key": "junk"}]
+    )
+
+    @given(case=cases, headers=auth)
+    @settings(
+        max_examples=MAX_EXAMPLES,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+        phases=[Phase.explicit, Phase.generate],
+    )
+    def fuzz(case: Any, headers: dict[str, str]) -> None:
+        case.body = few_steps(case.body)
+        case.call_and_validate(headers=headers, checks=CHECKS, timeout=REQUEST_TIMEOUT_S)
+
+    fuzz()
+
+
+def test_the_fuzzed_server_is_still_healthy(fuzz_server: tuple[ServerProcess, str]) -> None:
+    srv, _ = fuzz_server
+    assert srv.proc.poll() is None
+    assert httpx.get(f"{srv.url}/readyz", timeout=10).status_code == 200
+    assert "Traceback" not in srv.log()
