@@ -336,8 +336,9 @@ def jobs_cancel(url: str, job_id: str) -> None:
 @click.option("--vae-steps", type=int, help="VAE training steps [default: the shipped model's].")
 @click.option("--unet-steps", type=int, help="Text encoder + UNet training steps [default: the shipped model's].")
 @click.option("--threads", type=int, help="torch threads [default: 1, fastest on a shared two-core machine].")
+@click.option("--preview-every", type=int, default=0, help="Save a grid of samples every N UNet steps.")
 def train_demo(
-    out: Path, seed: int, vae_steps: int | None, unet_steps: int | None, threads: int | None
+    out: Path, seed: int, vae_steps: int | None, unet_steps: int | None, threads: int | None, preview_every: int
 ) -> None:
     """Train the built-in `demo` model on generated scenes (CPU) and save it to --out.
 
@@ -349,7 +350,7 @@ def train_demo(
     from sdgate.demo.train import train_demo as run
 
     given = {"vae_steps": vae_steps, "unet_steps": unet_steps, "threads": threads}
-    cfg = replace(TrainConfig(seed=seed), **{k: v for k, v in given.items() if v is not None})
+    cfg = replace(TrainConfig(seed=seed, preview_every=preview_every), **{k: v for k, v in given.items() if v})
     _setup_logging("warning")
     run(out, cfg, log=lambda line: click.echo(line, err=True))
     click.echo(str(out))

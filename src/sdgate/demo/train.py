@@ -1,0 +1,501 @@
+"""Train the ``demo`` model: a small but complete Stable Diffusion pipeline, on generated scenes, on a CPU.
+
+Steps (``sdgate train-demo``):
+
+1. tokenizer — a CLIP BPE vocabulary whose merges spell every caption word as one token;
+2. VAE — a small ``AutoencoderKL`` with the standard 8x downscale, trained to reconstruct scenes
+   (mean squared error plus a small KL term), then frozen;
+3. text encoder + UNet — a small ``CLIPTextModel`` and ``UNet2DConditionModel`` trained together
+   to predict the noise of noised scene latents (DDPM, epsilon prediction, min-SNR weighting),
+   with 10% of captions dropped so classifier-free guidance works;
+4. save — a ``StableDiffusionPipeline`` with ``save_pretrained`` (safetensors), loadable with
+   ``from_pretrained`` like any other model, plus a grid of samples to look at.
+
+Everything is seeded: the same command on the same torch version gives the same weights (up to the
+float nondeterminism of multi-threaded CPU kernels).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sdgate.demo.scenes import COLOURS, Scene, caption_words, random_scene
+
+NATIVE_SIZE = 64
+MAX_TOKENS = 32  # the longest caption (three shapes) is 29 tokens; longer prompts are truncated
+CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional case
+ATTRIBUTE_OMIT = 0.25  # chance that a caption leaves out a size, a position or the background
+
+LogFn = Callable[[str], None]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the weights. The defaults are the shipped model's."""
+
+    seed: int = 0
+    vae_steps: int = 2000
+    vae_batch: int = 16
+    vae_crop: int = 32  # the VAE is convolutional: training on crops costs a quarter and teaches the same
+    vae_lr: float = 1e-3
+    unet_steps: int = 1500
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    ema_decay: float = 0.995
+    latent_pool: int = 16384  # scenes encoded once by the frozen VAE; captions are re-drawn every time
+    preview_every: int = 0  # save a grid of samples every this many UNet steps (0: never); no effect on weights
+    # One thread: on a shared two-core machine two OpenMP threads wait on each other and ran 4-10x slower.
+    threads: int = 1
+
+
+@dataclass
+class TrainReport:
+    """What happened: losses along the way and the wall time of each stage."""
+
+    config: dict[str, Any]
+    vae_seconds: float = 0.0
+    vae_cpu_seconds: float = 0.0
+    encode_seconds: float = 0.0
+    unet_seconds: float = 0.0
+    unet_cpu_seconds: float = 0.0
+    vae_loss: float = 0.0
+    unet_loss: float = 0.0
+    scaling_factor: float = 1.0
+    history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+
+
+# -- 1. tokenizer ---------------------------------------------------------------------------------
+
+
+def _byte_alphabet() -> list[str]:
+    """Printable stand-ins for the 256 byte values, as CLIP's byte-level BPE uses them."""
+    from sdgate.engine.builtin import _byte_alphabet as alphabet
+
+    return alphabet()
+
+
+def learn_merges(words: list[str]) -> list[tuple[str, str]]:
+    """BPE merges, learned on ``words`` until each is one token (most frequent pair first, as BPE does).
+
+    Applying merges in rank order to a word seen in training reproduces its training segmentation,
+    so every caption word becomes exactly one ``word</w>`` token; other words fall back to pieces.
+    """
+    segs = [[*w[:-1], w[-1] + "</w>"] for w in words]
+    merges: list[tuple[str, str]] = []
+    while any(len(s) > 1 for s in segs):
+        counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        for s in segs:
+            counts.update(itertools.pairwise(s))
+        # Ties broken by the pair itself, so the merges do not depend on hash order.
+        best = max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+        merges.append(best)
+        for i, s in enumerate(segs):
+            out, j = [], 0
+            while j < len(s):
+                if j + 1 < len(s) and (s[j], s[j + 1]) == best:
+                    out.append(s[j] + s[j + 1])
+                    j += 2
+                else:
+                    out.append(s[j])
+                    j += 1
+            segs[i] = out
+    return merges
+
+
+def write_tokenizer_files(directory: Path) -> dict[str, int]:
+    """``vocab.json`` and ``merges.txt`` of a CLIP tokenizer with one token per caption word."""
+    alphabet = _byte_alphabet()
+    vocab: dict[str, int] = {}
+    for token in [*alphabet, *(ch + "</w>" for ch in alphabet)]:
+        vocab[token] = len(vocab)
+    merges = learn_merges(caption_words())
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return vocab
+
+
+# -- models ---------------------------------------------------------------------------------------
+
+
+def build_components(seed: int) -> dict[str, Any]:
+    """Tokenizer, text encoder, UNet, VAE and scheduler, with fresh weights from ``seed``."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = write_tokenizer_files(Path(tmp))
+        tokenizer = CLIPTokenizer(
+            str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=MAX_TOKENS
+        )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            projection_dim=128,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=NATIVE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=128,
+        attention_head_dim=4,  # diffusers' name for the number of heads
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32, 64),  # four blocks: three 2x downsamples, the standard 8x
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        # Four channels per group, as in SD's VAE: a group norm over fewer channels erases flat colours.
+        norm_num_groups=4,
+        # No attention: the VAE is then purely convolutional, so training on crops is exact.
+        mid_block_add_attention=False,
+        sample_size=NATIVE_SIZE,
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    )
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler}
+
+
+def _images(scenes: list[Scene]) -> Any:
+    """Scenes as a float tensor in [-1, 1], NCHW."""
+    import torch
+
+    arr = np.stack([np.asarray(s.render(NATIVE_SIZE), dtype=np.float32) for s in scenes])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
+
+
+def _crops(x: Any, size: int, rng: random.Random) -> Any:
+    """A random ``size`` x ``size`` crop of each image."""
+    import torch
+
+    if size >= x.shape[-1]:
+        return x
+    out = []
+    for img in x:
+        top, left = rng.randrange(x.shape[-2] - size + 1), rng.randrange(x.shape[-1] - size + 1)
+        out.append(img[:, top : top + size, left : left + size])
+    return torch.stack(out)
+
+
+def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+# -- 2. VAE ---------------------------------------------------------------------------------------
+
+
+def train_vae(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> None:
+    """Reconstruction (MSE) plus a small KL term, on fresh scenes every step."""
+    import torch
+
+    rng = random.Random(cfg.seed * 1_000_003 + 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    vae.train()
+    history = report.history.setdefault("vae", [])
+    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    for step in range(cfg.vae_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
+        x = _crops(_images([random_scene(rng) for _ in range(cfg.vae_batch)]), cfg.vae_crop, rng)
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        mse = torch.nn.functional.mse_loss(recon, x)
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = mse + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        running = mse.item() if step == 0 else 0.98 * running + 0.02 * mse.item()
+        if step % 50 == 0 or step == cfg.vae_steps - 1:
+            history.append((step, running))
+            log(f"vae step {step}/{cfg.vae_steps} mse {running:.5f} ({time.perf_counter() - start:.0f}s)")
+    report.vae_loss = running
+    report.vae_seconds = time.perf_counter() - start
+    report.vae_cpu_seconds = time.process_time() - cpu_start
+    vae.eval().requires_grad_(False)
+
+
+# -- 3. text encoder + UNet -----------------------------------------------------------------------
+
+
+def encode_pool(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> tuple[list[Scene], Any]:
+    """Encode ``latent_pool`` scenes once with the frozen VAE: the UNet stage reuses them with fresh captions."""
+    import torch
+
+    rng = random.Random(cfg.seed * 1_000_003 + 2)
+    scenes = [random_scene(rng) for _ in range(cfg.latent_pool)]
+    start = time.perf_counter()
+    means, stds = [], []
+    with torch.inference_mode():
+        for i in range(0, len(scenes), 256):
+            dist = vae.encode(_images(scenes[i : i + 256])).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    mean, std = torch.cat(means), torch.cat(stds)
+    # SD's convention: latents times scaling_factor have unit variance, which the noise schedule assumes.
+    report.scaling_factor = float(1.0 / mean.std())
+    report.encode_seconds = time.perf_counter() - start
+    log(f"encoded {len(scenes)} scenes in {report.encode_seconds:.0f}s, scaling_factor {report.scaling_factor:.4f}")
+    return scenes, torch.stack([mean, std])
+
+
+def train_denoiser(
+    parts: dict[str, Any],
+    scenes: list[Scene],
+    pool: Any,
+    cfg: TrainConfig,
+    report: TrainReport,
+    log: LogFn,
+    preview: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Epsilon-prediction DDPM loss with min-SNR weighting; returns the EMA weights of both models."""
+    import torch
+    from diffusers import DDPMScheduler
+
+    tokenizer, text_encoder, unet = parts["tokenizer"], parts["text_encoder"], parts["unet"]
+    noise_sched = DDPMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+    )
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    # min-SNR-5: low-noise steps, which are easy, stop dominating the loss; training converges faster.
+    weights = torch.clamp(snr, max=5.0) / snr
+
+    rng = random.Random(cfg.seed * 1_000_003 + 3)
+    gen = torch.Generator().manual_seed(cfg.seed + 3)
+    params = [*text_encoder.parameters(), *unet.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=0.01)
+    ema = {
+        name: {k: v.detach().clone() for k, v in model.state_dict().items()}
+        for name, model in (("text_encoder", text_encoder), ("unet", unet))
+    }
+    text_encoder.train()
+    unet.train()
+    history = report.history.setdefault("unet", [])
+    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    for step in range(cfg.unet_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
+        idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
+        captions = ["" if rng.random() < CAPTION_DROPOUT else scenes[i].caption(rng, omit=ATTRIBUTE_OMIT) for i in idx]
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
+        mean, std = pool[0][idx], pool[1][idx]
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)) * report.scaling_factor
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, 1000, (len(idx),), generator=gen)
+        noisy = noise_sched.add_noise(latents, noise, t)
+        cond = text_encoder(ids.input_ids)[0]
+        pred = unet(noisy, t, encoder_hidden_states=cond).sample
+        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per_sample * weights[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        # EMA with a warm-up, so early weights fade quickly while the model is still poor.
+        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for name, model in (("text_encoder", text_encoder), ("unet", unet)):
+                for k, v in model.state_dict().items():
+                    if v.dtype.is_floating_point:
+                        ema[name][k].lerp_(v, 1 - decay)
+                    else:
+                        ema[name][k].copy_(v)
+        value = per_sample.mean().item()
+        running = value if step == 0 else 0.98 * running + 0.02 * value
+        if step % 50 == 0 or step == cfg.unet_steps - 1:
+            history.append((step, running))
+            log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({time.perf_counter() - start:.0f}s)")
+        if preview is not None and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
+            text_encoder.eval()
+            unet.eval()
+            preview(step + 1)
+            text_encoder.train()
+            unet.train()
+    report.unet_loss = running
+    report.unet_seconds = time.perf_counter() - start
+    report.unet_cpu_seconds = time.process_time() - cpu_start
+    text_encoder.eval()
+    unet.eval()
+    return ema
+
+
+# -- 4. save --------------------------------------------------------------------------------------
+
+
+def assemble(parts: dict[str, Any], scaling_factor: float) -> Any:
+    """The parts as a ``StableDiffusionPipeline`` (no safety checker: the model only draws shapes)."""
+    from diffusers import StableDiffusionPipeline
+
+    vae = parts["vae"]
+    vae.register_to_config(scaling_factor=scaling_factor)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=parts["text_encoder"],
+        tokenizer=parts["tokenizer"],
+        unet=parts["unet"],
+        scheduler=parts["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+SAMPLE_PROMPTS = (
+    "a red circle on a blue background",
+    "a small white circle on a black background",
+    "a large yellow square on a purple background",
+    "a large green triangle in the centre on a white background",
+    "a small orange circle on the left on a green background",
+    "a large blue square on the right on a yellow background",
+    "a red triangle at the top and a white circle at the bottom on a blue background",
+    "a large purple circle on an orange background",
+)
+
+
+def sample_grid(pipe: Any, path: Path, prompts: tuple[str, ...] = SAMPLE_PROMPTS, seeds: int = 6, **kw: Any) -> None:
+    """One row per prompt, one column per seed, upscaled 4x (nearest) so that it is easy to look at."""
+    import torch
+    from PIL import Image
+
+    rows = []
+    with torch.inference_mode():
+        for prompt in prompts:
+            gens = [torch.Generator().manual_seed(s) for s in range(seeds)]
+            out = pipe(
+                [prompt] * seeds,
+                generator=gens,
+                num_inference_steps=kw.get("steps", 20),
+                guidance_scale=kw.get("guidance_scale", 5.0),
+                width=NATIVE_SIZE,
+                height=NATIVE_SIZE,
+            )
+            rows.append(out.images)
+    grid = Image.new("RGB", (NATIVE_SIZE * seeds, NATIVE_SIZE * len(rows)))
+    for r, images in enumerate(rows):
+        for c, img in enumerate(images):
+            grid.paste(img, (c * NATIVE_SIZE, r * NATIVE_SIZE))
+    grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST).save(path)
+
+
+def reconstruction_grid(vae: Any, path: Path, count: int = 8) -> None:
+    """Scenes (top row) and their VAE reconstructions (bottom row), upscaled 4x."""
+    import torch
+    from PIL import Image
+
+    scenes = [Scene.from_seed(10_000 + i) for i in range(count)]
+    with torch.inference_mode():
+        x = _images(scenes)
+        recon = vae.decode(vae.encode(x).latent_dist.mean).sample
+    rows = torch.cat([x, recon]).clamp(-1, 1).add(1).mul(127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    grid = Image.new("RGB", (NATIVE_SIZE * count, NATIVE_SIZE * 2))
+    for i, arr in enumerate(rows):
+        grid.paste(Image.fromarray(arr), ((i % count) * NATIVE_SIZE, (i // count) * NATIVE_SIZE))
+    grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST).save(path)
+
+
+def _vae_stage(parts: dict[str, Any], cfg: TrainConfig, report: TrainReport, out: Path, log: LogFn) -> None:
+    """Train the VAE, or reuse the one a previous run with the same settings left in ``out/stage-vae``.
+
+    The VAE stage depends only on the seed and the ``vae_*`` settings, so an interrupted or retuned
+    run picks up after it with the very weights it would have trained again.
+    """
+    from diffusers import AutoencoderKL
+
+    stage = out / "stage-vae"
+    key = {k: v for k, v in asdict(cfg).items() if k == "seed" or k.startswith("vae_")}
+    record = stage / "stage.json"
+    if record.is_file() and json.loads(record.read_text())["key"] == key:
+        saved = json.loads(record.read_text())
+        parts["vae"] = AutoencoderKL.from_pretrained(str(stage)).eval().requires_grad_(False)
+        report.vae_seconds, report.vae_cpu_seconds = saved["vae_seconds"], saved["vae_cpu_seconds"]
+        report.vae_loss, report.history["vae"] = saved["vae_loss"], saved["history"]
+        log(f"reusing the VAE of {stage} (trained in {report.vae_seconds / 60:.1f} min)")
+        return
+    train_vae(parts["vae"], cfg, report, log)
+    parts["vae"].save_pretrained(str(stage), safe_serialization=True)
+    saved = {
+        "key": key,
+        "vae_seconds": report.vae_seconds,
+        "vae_cpu_seconds": report.vae_cpu_seconds,
+        "vae_loss": report.vae_loss,
+        "history": report.history["vae"],
+    }
+    record.write_text(json.dumps(saved) + "\n", encoding="utf-8")
+
+
+def train_demo(out: Path, cfg: TrainConfig | None = None, log: LogFn = print) -> TrainReport:
+    """Train the demo model and save the pipeline to ``out`` (with ``training.json`` and ``samples.png``)."""
+    import torch
+
+    cfg = cfg or TrainConfig()
+    torch.set_num_threads(cfg.threads)
+    report = TrainReport(config=asdict(cfg))
+    started = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    # 1. parts with fresh weights
+    parts = build_components(cfg.seed)
+    # 2. VAE, then frozen
+    _vae_stage(parts, cfg, report, out, log)
+    reconstruction_grid(parts["vae"], out / "reconstructions.png")
+    scenes, pool = encode_pool(parts["vae"], cfg, report, log)
+    # 3. text encoder + UNet; the EMA weights are the ones kept
+    pipe = assemble(parts, report.scaling_factor)
+    pipe.set_progress_bar_config(disable=True)
+
+    def preview(step: int) -> None:
+        sample_grid(pipe, out / f"preview-{step:05d}.png", SAMPLE_PROMPTS[:4], seeds=4)
+
+    ema = train_denoiser(parts, scenes, pool, cfg, report, log, preview)
+    parts["text_encoder"].load_state_dict(ema["text_encoder"])
+    parts["unet"].load_state_dict(ema["unet"])
+    # 4. save
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    total = report.vae_seconds + (time.perf_counter() - started)
+    summary = {**asdict(report), "total_seconds": total, "colours": list(COLOURS)}
+    (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    sample_grid(pipe, out / "samples.png")
+    log(f"done in {total / 60:.1f} min: vae mse {report.vae_loss:.5f}, unet loss {report.unet_loss:.4f}")
+    return report
