@@ -1,66 +1,90 @@
-"""Real ``sdgate serve`` processes with a model given by path: one that loads, one that does not."""
+"""Real ``sdgate serve`` processes with a model given by path: one that loads, one that does not.
+
+Both processes start together (most of a start is importing the model libraries on one core), then
+each test waits for the state it needs.
+"""
 
 from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
+import pytest
 
-from tests.server import start_server
+from tests.server import ServerProcess, start_server
 
 
-def test_server_loads_a_pipeline_directory_by_path(tiny_model_dir: Path, tmp_path: Path) -> None:
-    model_dir = tmp_path / "models" / "my-sd-pipeline"
+def poll_readyz(server: ServerProcess, until: Callable[[httpx.Response], bool], timeout: float = 120) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert server.proc.poll() is None, f"the server exited:\n{server.log()}"
+        resp = httpx.get(f"{server.url}/readyz", timeout=10)
+        if until(resp) or time.monotonic() > deadline:
+            return resp
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    root = tmp_path_factory.mktemp("loader")
+    model_dir = root / "models" / "my-sd-pipeline"
     shutil.copytree(tiny_model_dir, model_dir)
     (model_dir / "sdgate-builtin.json").unlink()  # a plain diffusers directory, as a user would have
-    server = start_server(tmp_path / "data", env={"SDGATE_MODEL": str(model_dir)})
+    started: dict[str, ServerProcess] = {}
     try:
-        ready = httpx.get(f"{server.url}/readyz", timeout=10).json()
-        assert ready["status"] == "ready"
-        assert ready["model"] == str(model_dir)
-        [card] = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
-        assert card["id"] == str(model_dir)
-        assert card["default_steps"] == 30  # a model's defaults, not the built-in's
-        resp = httpx.post(
-            f"{server.url}/v1/generations",
-            json={"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 5},
-            timeout=120,
+        started["dir"] = start_server(root / "dir-data", env={"SDGATE_MODEL": str(model_dir)}, ready=False)
+        started["missing"] = start_server(
+            root / "missing-data", env={"SDGATE_MODEL": str(root / "does-not-exist")}, ready=False
         )
-        assert resp.status_code == 200, resp.text
-        body = resp.json()
-        assert body["model"] == str(model_dir)
-        assert httpx.get(body["images"][0]["url"], timeout=30).status_code == 200
-        # the built-in model was never built: the server used the directory it was given
-        assert not (tmp_path / "data" / "models").exists()
+        yield started
     finally:
-        server.stop()
+        for server in started.values():
+            server.stop()
 
 
-def test_server_with_a_missing_model_path_is_alive_but_not_ready_and_says_why(tmp_path: Path) -> None:
-    missing = tmp_path / "does-not-exist"
-    server = start_server(tmp_path / "data", env={"SDGATE_MODEL": str(missing)}, ready=False)
-    try:
-        # /healthz answers while the model loads; /readyz says 503 until, and after, the load fails.
-        deadline = time.monotonic() + 120
-        while True:
-            ready = httpx.get(f"{server.url}/readyz", timeout=10)
-            assert ready.status_code == 503
-            if "failed" in ready.json()["detail"] or time.monotonic() > deadline:
-                break
-            time.sleep(0.1)
-        detail = ready.json()["detail"]
-        assert str(missing) in detail
-        assert "does not exist" in detail
-        assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+def test_server_loads_a_pipeline_directory_by_path(servers: dict[str, ServerProcess]) -> None:
+    server = servers["dir"]
+    model_dir = server.data_dir.parent / "models" / "my-sd-pipeline"
+    ready = poll_readyz(server, lambda r: r.status_code == 200)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+    assert ready.json()["model"] == str(model_dir)
+    [card] = httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+    assert card["id"] == str(model_dir)
+    assert card["default_steps"] == 30  # a model's defaults, not the built-in's
+    resp = httpx.post(
+        f"{server.url}/v1/generations",
+        json={"prompt": "a red fox", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 5},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == str(model_dir)
+    assert httpx.get(body["images"][0]["url"], timeout=30).status_code == 200
+    # the built-in model was never built: the server used the directory it was given
+    assert not (server.data_dir / "models").exists()
 
-        # a generation is refused at once with the reason, not held until a timeout
-        resp = httpx.post(f"{server.url}/v1/generations", json={"prompt": "a fox"}, timeout=30)
-        assert resp.status_code == 503
-        err = resp.json()["error"]
-        assert err["type"] == "not_ready"
-        assert "does not exist" in err["message"]
-        assert server.proc.poll() is None, "the server must keep running to report why it is not ready"
-    finally:
-        server.stop()
+
+def test_server_with_a_missing_model_path_is_alive_but_not_ready_and_says_why(
+    servers: dict[str, ServerProcess],
+) -> None:
+    server = servers["missing"]
+    missing = server.data_dir.parent / "does-not-exist"
+    # /readyz is 503 while the model loads, and stays 503 once the load has failed, with the reason.
+    ready = poll_readyz(server, lambda r: r.status_code != 503 or "failed" in r.json()["detail"])
+    assert ready.status_code == 503
+    detail = ready.json()["detail"]
+    assert str(missing) in detail
+    assert "does not exist" in detail
+    assert httpx.get(f"{server.url}/healthz", timeout=10).status_code == 200
+
+    # a generation is refused at once with the reason, not held until a timeout
+    resp = httpx.post(f"{server.url}/v1/generations", json={"prompt": "a fox"}, timeout=30)
+    assert resp.status_code == 503
+    err = resp.json()["error"]
+    assert err["type"] == "not_ready"
+    assert "does not exist" in err["message"]
+    assert server.proc.poll() is None, "the server must keep running to report why it is not ready"

@@ -195,16 +195,6 @@ def test_a_failing_pipeline_call_fails_its_request_and_the_next_one_succeeds(
     assert engine.stats.pipeline_calls == 2
 
 
-def test_warmup_runs_before_ready_and_is_not_counted(tiny_model: LoadedModel, tmp_path: Path) -> None:
-    settings = Settings(data_dir=tmp_path, model="tiny", device="cpu", warmup=True)
-    pipe = ScriptedPipeline(tiny_model.pipeline)
-    engine = started_engine(settings, loader_for(tiny_model, pipe))
-    engine.close()
-    assert len(pipe.calls) == 1  # the warm-up call
-    assert engine.stats.pipeline_calls == 0
-    assert engine.stats.requests == 0
-
-
 def test_a_model_that_fails_to_load_refuses_requests_with_the_reason(tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     settings = Settings(data_dir=tmp_path, model=str(missing), device="cpu", warmup=False)
