@@ -5,7 +5,7 @@
 - ``endpoint``: an ``sdgate serve --sagemaker`` process, the model endpoint;
 - ``aws_env``: the standard AWS variables a gateway process needs to use both.
 
-Import the fixtures into a test module with ``from tests.aws_fixtures import *``.
+tests/conftest.py loads this module as a plugin: every test module sees these fixtures.
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ from tests.server import ServerProcess, free_port, start_server
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
-
-__all__ = ["aws_env", "bucket", "endpoint", "s3", "s3_server"]
 
 REGION = "us-east-1"
 FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}

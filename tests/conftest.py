@@ -51,3 +51,8 @@ def tiny_model(tiny_data_dir: Path) -> Any:
     from sdgate.engine.loader import load_model
 
     return load_model("tiny", device="cpu", dtype="float32", models_dir=tiny_data_dir / "models")
+
+
+# The AWS design's fixtures (S3 server, SageMaker endpoint): one plugin, so that each session-scoped
+# fixture is one instance for the whole run, not one per module that imports it.
+pytest_plugins = ["tests.aws_fixtures"]

@@ -23,7 +23,6 @@ from botocore.exceptions import ClientError
 
 from sdgate.imaging import read_metadata
 from sdgate.storage import is_valid_key
-from tests.aws_fixtures import *  # noqa: F403
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size, objects, start_gateway
 from tests.server import ServerProcess, free_port
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.aws_fixtures import *  # noqa: F403
 from tests.aws_fixtures import FAST, jpeg_size
 from tests.server import ServerProcess, start_server
 

@@ -18,7 +18,6 @@ import pytest
 from botocore.exceptions import ClientError
 
 from sdgate.imaging import read_metadata
-from tests.aws_fixtures import *  # noqa: F403
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size
 from tests.server import ServerProcess
 

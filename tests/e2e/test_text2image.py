@@ -8,7 +8,6 @@ import re
 import httpx
 import pytest
 
-from tests.aws_fixtures import *  # noqa: F403
 from tests.aws_fixtures import jpeg_size
 from tests.server import ServerProcess
 

@@ -24,7 +24,6 @@ from sdgate.jobstore import SqliteJobStore
 from sdgate.schemas import GeneratedImage, GenerationParams, GenerationRequest, ModelDefaults, resolve_request
 from sdgate.storage import StoredObject, create_storage, is_valid_key, new_key
 from sdgate.storage.s3 import S3Storage
-from tests.aws_fixtures import *  # noqa: F403
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
 from tests.server import free_port
 
