@@ -22,6 +22,7 @@ Completed = subprocess.CompletedProcess[str]
 def sdgate(data_dir: Path, *args: str, timeout: float = 180) -> Completed:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
     env["SDGATE_DATA_DIR"] = str(data_dir)
+    env["SDGATE_MODEL"] = "tiny"  # the fastest model, and the one the session server runs
     return subprocess.run(
         [sys.executable, "-m", "sdgate.cli", *args],
         env=env,
