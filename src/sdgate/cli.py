@@ -5,6 +5,7 @@ Every setting is a flag here and an ``SDGATE_*`` environment variable; flags win
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 from collections.abc import Callable
@@ -82,7 +83,8 @@ def serve(**options: Any) -> None:
     _setup_logging(settings.log_level, settings.log_format)
     # 2. app
     app = create_app(settings)
-    click.echo(f"sdgate serving {settings.model} on http://{settings.host}:{settings.port}", err=True)
+    # Through logging, not a bare echo: when the log is JSON lines, every line of it is JSON.
+    logging.getLogger("sdgate").info("sdgate serving %s on http://%s:%d", settings.model, settings.host, settings.port)
     # 3. serve until SIGINT/SIGTERM
     uvicorn.run(
         app,
