@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from sdgate.cli import build_settings
+from sdgate.config import Settings
 from tests.aws_fixtures import FAKE_CREDENTIALS
 from tests.server import free_port
 
@@ -28,7 +29,7 @@ def test_sagemaker_flag_sets_sagemakers_defaults(monkeypatch: pytest.MonkeyPatch
     settings = build_settings({"sagemaker": True})
     assert (settings.host, settings.port) == ("0.0.0.0", 8080)
     if not Path("/opt/ml/model").is_dir():
-        assert settings.model == "tiny"
+        assert settings.model == Settings.model_fields["model"].default
     # Anything set explicitly, by flag or environment, wins over the defaults.
     monkeypatch.setenv("SDGATE_PORT", "9000")
     settings = build_settings({"sagemaker": True, "host": "127.0.0.1", "model": "/models/sd"})

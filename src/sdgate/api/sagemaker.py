@@ -88,16 +88,18 @@ async def _invoke(request: Request, ctx: AppContext) -> Response:
         raise Busy(
             f"the model's queue is full ({ctx.settings.queue_size} waiting); retry later", headers={"Retry-After": "5"}
         )
-    await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
-    defaults = ctx.backend.defaults()
-    params = [resolve_request(r, ctx.settings, defaults) for r in jumpstart_requests(invocation.payload)]
-    total = sum(p.num_images for p in params)
+    payload = invocation.payload
+    total = len(payload.prompts) * payload.num_images_per_prompt
     if total > ctx.settings.max_images:
+        what = f"{len(payload.prompts)} prompts x {payload.num_images_per_prompt} images is {total}"
+        if len(payload.prompts) == 1:
+            what = f"num_images_per_prompt is {total}"
         raise InvalidRequest(
-            f"{len(params)} prompts x {invocation.payload.num_images_per_prompt} images is {total}; "
-            f"the limit is {ctx.settings.max_images}",
-            field="num_images_per_prompt",
+            f"{what}; the limit is {ctx.settings.max_images} images per request", field="num_images_per_prompt"
         )
+    await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
+    defaults = ctx.backend.defaults()  # known once the model is loaded
+    params = [resolve_request(r, ctx.settings, defaults) for r in jumpstart_requests(payload)]
     # 2. generate: one backend call per prompt; the engine batches them into shared pipeline calls
     results = await _generate_all(ctx, params)
     # 3. answer (RGB lists of a large image take a while to serialise: off the event loop)
