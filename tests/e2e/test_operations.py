@@ -248,7 +248,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_st
     with httpx.Client(base_url=first.url, timeout=TIMEOUT) as c:
         running = c.post(
             "/v1/generations",
-            json={"prompt": "finish me", "width": 128, "height": 128, "num_inference_steps": 12},
+            json={"prompt": "finish me", "width": 128, "height": 128, "num_inference_steps": 40},
             headers=ASYNC,
         ).json()["id"]
         deadline = time.monotonic() + DEADLINE_S
@@ -265,6 +265,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_st
         assert c.get(f"/v1/jobs/{running}").json()["status"] == "running"
         assert [c.get(f"/v1/jobs/{j}").json()["status"] for j in queued] == ["queued"] * QUEUE_SIZE
 
+    sigterm_at = time.time()
     first.proc.send_signal(signal.SIGTERM)
     first.proc.wait(DEADLINE_S * 2)  # exits by itself, once the running job is done
     stopped_at = time.time()
@@ -275,6 +276,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_st
     try:
         record = store.get(running)
         assert record is not None and record.status == JobStatus.succeeded, record
+        assert record.finished is not None and record.finished > sigterm_at, "finished before SIGTERM: tested nothing"
         assert [store.get(j).status for j in queued] == [JobStatus.queued] * QUEUE_SIZE  # type: ignore[union-attr]
         assert [(first.data_dir / "images" / img["key"]).is_file() for img in record.images] == [True]
     finally:
