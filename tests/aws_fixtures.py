@@ -1,7 +1,8 @@
 """Fixtures for the original AWS design, with real components on loopback.
 
 - ``s3_server``: moto's S3-protocol server in a thread on a free port, talked to over HTTP by real
-  boto3 clients (no ``mock_aws`` patching);
+  boto3 clients (no ``mock_aws`` patching); it speaks DynamoDB's protocol on the same port, hence
+  ``dynamodb`` and ``jobs_table``;
 - ``endpoint``: an ``sdgate serve --sagemaker`` process, the model endpoint;
 - ``aws_env``: the standard AWS variables a gateway process needs to use both.
 
@@ -24,6 +25,7 @@ from PIL import Image
 from tests.server import ServerProcess, free_port, start_server
 
 if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
     from mypy_boto3_s3 import S3Client
 
 REGION = "us-east-1"
@@ -60,6 +62,29 @@ def bucket(s3: S3Client) -> str:
     """A fresh, empty bucket for one test."""
     name = f"sdgate-{uuid.uuid4().hex[:12]}"
     s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def dynamodb(s3_server: str) -> DynamoDBClient:
+    """A boto3 DynamoDB client of the test itself, talking HTTP to the same moto server."""
+    client: DynamoDBClient = boto3.client(
+        "dynamodb",
+        endpoint_url=s3_server,
+        region_name=REGION,
+        aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+    )
+    return client
+
+
+@pytest.fixture
+def jobs_table(dynamodb: DynamoDBClient) -> str:
+    """A fresh job table for one test, made from the same definition as the CDK stack's."""
+    from sdgate.jobstore.dynamodb import create_table
+
+    name = f"sdgate-jobs-{uuid.uuid4().hex[:12]}"
+    create_table(dynamodb, name)
     return name
 
 

@@ -17,6 +17,7 @@ Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 BackendName = Literal["local", "sagemaker", "http"]
 StorageName = Literal["local", "s3"]
+JobStoreName = Literal["sqlite", "dynamodb"]
 ImageFormat = Literal["jpeg", "png", "webp"]
 
 
@@ -133,6 +134,23 @@ class Settings(BaseSettings):
     retention: str | None = Field(
         None, description="Delete jobs and images older than this (e.g. 7d, 12h, 3600); off when unset."
     )
+    job_store: JobStoreName = Field(
+        "sqlite", description="Where job records live: sqlite (under the data dir) | dynamodb (AWS Lambda)."
+    )
+    dynamodb_table: str | None = Field(
+        None, description="DynamoDB table of job records (job store dynamodb); TTL on expires_at."
+    )
+    worker_function: str | None = Field(
+        None,
+        description="On AWS Lambda: the function (name or ARN) that runs jobs, invoked asynchronously "
+        "(default: the function itself).",
+    )
+    worker_timeout_s: float = Field(
+        4500.0,
+        gt=0,
+        description="On AWS Lambda: a job not finished this long after it was accepted has lost its worker "
+        "and is failed as interrupted.",
+    )
     webhook_secret: str | None = Field(None, description="HMAC-SHA256 key that signs webhook deliveries.")
     webhook_allow: str = Field(
         "",
@@ -185,6 +203,8 @@ class Settings(BaseSettings):
             raise ValueError("backend 'sagemaker' needs SDGATE_SAGEMAKER_ENDPOINT (the endpoint name)")
         if self.backend == "http" and not self.backend_url:
             raise ValueError("backend 'http' needs SDGATE_BACKEND_URL (e.g. http://127.0.0.1:8080)")
+        if self.job_store == "dynamodb" and not self.dynamodb_table:
+            raise ValueError("job store 'dynamodb' needs SDGATE_DYNAMODB_TABLE (the table name)")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("storage 's3' needs SDGATE_S3_BUCKET")
         if self.s3_prefix.startswith("/") or ".." in self.s3_prefix.split("/"):

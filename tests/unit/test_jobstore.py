@@ -1,21 +1,31 @@
-"""SqliteJobStore: the durable record of every job."""
+"""Job stores, the durable record of every job: the same cases against SQLite and DynamoDB.
+
+The DynamoDB store talks HTTP to a real DynamoDB-protocol server (moto) on a loopback port.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import boto3
 import pytest
 
-from sdgate.jobstore import JobRecord, SqliteJobStore
+from sdgate.jobstore import DuplicateJob, JobRecord, JobStore, SqliteJobStore
+from sdgate.jobstore.dynamodb import DynamoJobStore
 from sdgate.schemas import JobStatus
+from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
+
+if TYPE_CHECKING:
+    from mypy_boto3_dynamodb import DynamoDBClient
 
 
 def record(created: float, status: JobStatus = JobStatus.queued, **kw: object) -> JobRecord:
+    kw.setdefault("id", uuid.uuid4().hex)
     return JobRecord(
-        id=uuid.uuid4().hex,
         status=status,
         created=created,
         params={"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seeds": [7]},
@@ -29,14 +39,35 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "jobs.sqlite3"
 
 
+@pytest.fixture(params=["sqlite", "dynamodb"])
+def open_store(request: pytest.FixtureRequest, db_path: Path) -> Callable[[], JobStore]:
+    """Opens the store under test; each call is a new connection to the same data (a restart)."""
+    if request.param == "sqlite":
+        return lambda: SqliteJobStore(db_path)
+    server: str = request.getfixturevalue("s3_server")  # moto speaks DynamoDB on the same port
+    table: str = request.getfixturevalue("jobs_table")
+
+    def open_dynamo() -> DynamoJobStore:
+        client: DynamoDBClient = boto3.client(
+            "dynamodb",
+            endpoint_url=server,
+            region_name=REGION,
+            aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
+        )
+        return DynamoJobStore(table, client=client)
+
+    return open_dynamo
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SqliteJobStore]:
-    s = SqliteJobStore(db_path)
+def store(open_store: Callable[[], JobStore]) -> Iterator[JobStore]:
+    s = open_store()
     yield s
     s.close()
 
 
-def test_insert_then_get_returns_every_field(store: SqliteJobStore) -> None:
+def test_insert_then_get_returns_every_field(store: JobStore) -> None:
     r = record(
         1000.5,
         owner="alice",
@@ -51,11 +82,11 @@ def test_insert_then_get_returns_every_field(store: SqliteJobStore) -> None:
     assert isinstance(got.status, JobStatus)
 
 
-def test_get_missing_is_none(store: SqliteJobStore) -> None:
+def test_get_missing_is_none(store: JobStore) -> None:
     assert store.get("nope") is None
 
 
-def test_save_writes_every_field(store: SqliteJobStore) -> None:
+def test_save_writes_every_field(store: JobStore) -> None:
     r = store.insert(record(1000.0))
     r.status = JobStatus.succeeded
     r.started, r.finished, r.attempts = 1001.0, 1002.0, 1
@@ -67,7 +98,7 @@ def test_save_writes_every_field(store: SqliteJobStore) -> None:
     assert got is not None and got.status == JobStatus.succeeded
 
 
-def test_list_jobs_is_newest_first_with_limit_before_and_owner(store: SqliteJobStore) -> None:
+def test_list_jobs_is_newest_first_with_limit_before_and_owner(store: JobStore) -> None:
     rs = [store.insert(record(1000.0 + i, owner="alice" if i % 2 else "bob")) for i in range(6)]
     newest_first = [r.id for r in reversed(rs)]
     assert [r.id for r in store.list_jobs(owner=None, limit=100, before=None)] == newest_first
@@ -77,7 +108,7 @@ def test_list_jobs_is_newest_first_with_limit_before_and_owner(store: SqliteJobS
     assert [r.id for r in store.list_jobs(owner="alice", limit=100, before=None)] == [rs[5].id, rs[3].id, rs[1].id]
 
 
-def test_paging_with_before_visits_every_job_once(store: SqliteJobStore) -> None:
+def test_paging_with_before_visits_every_job_once(store: JobStore) -> None:
     ids = {store.insert(record(2000.0 + i * 0.001)).id for i in range(25)}
     seen: list[str] = []
     before = None
@@ -91,7 +122,7 @@ def test_paging_with_before_visits_every_job_once(store: SqliteJobStore) -> None
     assert set(seen) == ids
 
 
-def test_unfinished_are_queued_and_running_oldest_first(store: SqliteJobStore) -> None:
+def test_unfinished_are_queued_and_running_oldest_first(store: JobStore) -> None:
     running = store.insert(record(1002.0, JobStatus.running, attempts=1))
     queued = store.insert(record(1001.0))
     for i, status in enumerate((JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)):
@@ -102,7 +133,7 @@ def test_unfinished_are_queued_and_running_oldest_first(store: SqliteJobStore) -
     assert [r.id for r in store.unfinished()] == [running.id]
 
 
-def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: SqliteJobStore) -> None:
+def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: JobStore) -> None:
     old_done = [store.insert(record(100.0 + i, s)) for i, s in enumerate(JobStatus) if s.is_terminal()]
     store.insert(record(50.0, JobStatus.queued))  # old but unfinished: never swept
     store.insert(record(60.0, JobStatus.running))
@@ -112,7 +143,7 @@ def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: SqliteJo
     assert store.older_than(100.0) == []
 
 
-def test_delete(store: SqliteJobStore) -> None:
+def test_delete(store: JobStore) -> None:
     a, b, c = (store.insert(record(1000.0 + i)) for i in range(3))
     store.delete([a.id, c.id])
     store.delete([])
@@ -120,7 +151,7 @@ def test_delete(store: SqliteJobStore) -> None:
     assert store.get(b.id) == b
 
 
-def test_idempotency_key_is_unique_per_owner(store: SqliteJobStore) -> None:
+def test_idempotency_key_is_unique_per_owner(store: JobStore) -> None:
     first = store.insert(record(1000.0, owner="alice", idempotency_key="k"))
     again = store.insert(record(1001.0, owner="alice", idempotency_key="k"))
     assert again.id == first.id  # the existing job, not a new one
@@ -136,7 +167,7 @@ def test_idempotency_key_is_unique_per_owner(store: SqliteJobStore) -> None:
     assert store.insert(record(1005.0)).id != store.insert(record(1005.0)).id
 
 
-def test_idempotency_race_returns_the_winner(store: SqliteJobStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idempotency_race_returns_the_winner(store: JobStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two requests with one key both pass the lookup; the unique index lets one in, the other gets its job."""
     winner = store.insert(record(1000.0, owner="alice", idempotency_key="k"))
     real_lookup = store.by_idempotency_key
@@ -152,21 +183,57 @@ def test_idempotency_race_returns_the_winner(store: SqliteJobStore, monkeypatch:
     assert len(calls) == 2  # it did reach the INSERT and fell back to the lookup
 
 
-def test_duplicate_id_without_key_raises(store: SqliteJobStore) -> None:
+def test_duplicate_id_raises(store: JobStore) -> None:
     r = store.insert(record(1000.0))
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(DuplicateJob):
         store.insert(r)
+    keyed = store.insert(record(1001.0, idempotency_key="k"))
+    with pytest.raises(DuplicateJob):  # the same id under a new key: neither the key nor the job is stored
+        store.insert(record(1002.0, idempotency_key="other", id=keyed.id))
+    assert store.by_idempotency_key(None, "other") is None
+    assert store.get(keyed.id) == keyed
 
 
-def test_records_survive_close_and_reopen(db_path: Path) -> None:
-    s = SqliteJobStore(db_path)
+def test_claim_runs_a_queued_job_once(store: JobStore) -> None:
+    queued = store.insert(record(1000.0))
+    claimed = store.claim(queued.id, now=1005.0)
+    assert claimed is not None
+    assert (claimed.status, claimed.started, claimed.attempts) == (JobStatus.running, 1005.0, 1)
+    assert store.get(queued.id) == claimed
+    assert store.claim(queued.id, now=1006.0) is None  # a second delivery of the same job
+    assert store.get(queued.id) == claimed
+    canceled = store.insert(record(1001.0, JobStatus.canceled))
+    assert store.claim(canceled.id, now=1007.0) is None
+    assert store.get(canceled.id) == canceled
+    assert store.claim("nope", now=1008.0) is None
+
+
+def test_save_of_a_deleted_record_does_not_bring_it_back(store: JobStore) -> None:
+    r = store.insert(record(1000.0))
+    store.delete([r.id])
+    r.status = JobStatus.succeeded
+    store.save(r)
+    assert store.get(r.id) is None
+
+
+def test_delete_frees_the_idempotency_key(store: JobStore) -> None:
+    first = store.insert(record(1000.0, owner="alice", idempotency_key="k"))
+    store.delete([first.id])
+    assert store.by_idempotency_key("alice", "k") is None
+    second = store.insert(record(1001.0, owner="alice", idempotency_key="k"))
+    assert second.id != first.id
+    assert store.by_idempotency_key("alice", "k") == second
+
+
+def test_records_survive_close_and_reopen(open_store: Callable[[], JobStore]) -> None:
+    s = open_store()
     running = s.insert(record(1000.0, JobStatus.running, attempts=1, idempotency_key="k"))
     done = s.insert(record(1001.0))
     done.status, done.images = JobStatus.succeeded, [{"url": "/images/x.jpeg", "key": "x.jpeg"}]
     s.save(done)
     s.close()
 
-    reopened = SqliteJobStore(db_path)
+    reopened = open_store()
     try:
         assert reopened.get(running.id) == running
         assert reopened.get(done.id) == done
@@ -177,8 +244,10 @@ def test_records_survive_close_and_reopen(db_path: Path) -> None:
         reopened.close()
 
 
-def test_database_is_in_wal_mode(store: SqliteJobStore, db_path: Path) -> None:
+def test_sqlite_database_is_in_wal_mode(db_path: Path) -> None:
+    store = SqliteJobStore(db_path)
     store.insert(record(1000.0))
+    store.close()
     with sqlite3.connect(db_path) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         # Another connection (e.g. `sqlite3` on the command line) reads what was committed.

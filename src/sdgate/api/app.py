@@ -18,7 +18,7 @@ from sdgate.api.middleware import BodyLimit, RequestContext
 from sdgate.backends import Backend, create_backend
 from sdgate.config import Settings, is_loopback
 from sdgate.jobs import JobRunner
-from sdgate.jobstore import JobStore, SqliteJobStore
+from sdgate.jobstore import JobStore, create_job_store
 from sdgate.keys import KeyStore
 from sdgate.metrics import Metrics
 from sdgate.storage import Storage, create_storage
@@ -31,15 +31,20 @@ def create_app(
     backend: Backend | None = None,
     storage: Storage | None = None,
     store: JobStore | None = None,
+    runner_class: type[JobRunner] = JobRunner,
 ) -> FastAPI:
-    """Build the app. ``backend``, ``storage`` and the job ``store`` default to what the settings name."""
+    """Build the app. ``backend``, ``storage`` and the job ``store`` default to what the settings name.
+
+    ``runner_class`` runs the jobs: in this process by default; the AWS Lambda handler passes one that
+    hands each job to a worker invocation.
+    """
     # 1. collaborators
     backend = backend or create_backend(settings)
     storage = storage or create_storage(settings)
-    store = store or SqliteJobStore(settings.data_dir / "jobs.sqlite3")
+    store = store or create_job_store(settings)
     metrics = Metrics()
     metrics.watch_backend(backend.stats, backend.ready)
-    jobs = JobRunner(settings, backend, storage, store, metrics)
+    jobs = runner_class(settings, backend, storage, store, metrics)
     guard = Guard(settings, KeyStore(settings.data_dir / "keys.sqlite3"))
     ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard)
 

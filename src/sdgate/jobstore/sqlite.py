@@ -1,4 +1,4 @@
-"""Durable job records: a small protocol, and its SQLite implementation (the default).
+"""Job records in SQLite: the default store, one file under ``SDGATE_DATA_DIR``.
 
 A record is written when a job is accepted, when it starts, and when it ends; progress between
 steps stays in memory. The database lives under ``SDGATE_DATA_DIR`` in WAL mode, so readers never
@@ -7,71 +7,13 @@ block the writer and a crash loses nothing that was committed.
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from sdgate.jobstore.record import DuplicateJob, JobRecord, record_from_json, record_to_json
 from sdgate.schemas import JobStatus
-
-
-@dataclass
-class JobRecord:
-    """Everything that must survive a restart."""
-
-    id: str
-    status: JobStatus
-    created: float
-    params: dict[str, Any]
-    model: str
-    owner: str | None = None
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-    started: float | None = None
-    finished: float | None = None
-    attempts: int = 0
-    step: int = 0
-    images: list[dict[str, Any]] = field(default_factory=list)
-    error: dict[str, Any] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    webhook: dict[str, Any] | None = None
-
-
-_JSON_FIELDS = ("params", "images", "error", "timings", "webhook")
-
-
-class JobStore(Protocol):
-    """Where job records live. Implementations: :class:`SqliteJobStore` (default)."""
-
-    def insert(self, record: JobRecord) -> JobRecord:
-        """Store a new record; if its (owner, idempotency_key) exists, return the existing one instead."""
-        ...
-
-    def save(self, record: JobRecord) -> None:
-        """Write every field of an existing record."""
-        ...
-
-    def by_idempotency_key(self, owner: str | None, key: str) -> JobRecord | None: ...
-
-    def get(self, job_id: str) -> JobRecord | None: ...
-
-    def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
-        """Newest first; ``before`` is the ``created`` of the last record of the previous page."""
-        ...
-
-    def unfinished(self) -> list[JobRecord]:
-        """Jobs that were queued or running, oldest first (for recovery after a restart)."""
-        ...
-
-    def older_than(self, cutoff: float, limit: int = 500) -> list[JobRecord]:
-        """Terminal jobs created before ``cutoff``."""
-        ...
-
-    def delete(self, job_ids: list[str]) -> None: ...
-
-    def close(self) -> None: ...
 
 
 class SqliteJobStore:
@@ -108,15 +50,11 @@ class SqliteJobStore:
 
     @staticmethod
     def _encode(record: JobRecord) -> str:
-        body = {k: v for k, v in record.__dict__.items()}
-        body["status"] = record.status.value
-        return json.dumps(body, separators=(",", ":"))
+        return record_to_json(record)
 
     @staticmethod
     def _decode(row: sqlite3.Row) -> JobRecord:
-        body = json.loads(row["body"])
-        body["status"] = JobStatus(body["status"])
-        return JobRecord(**body)
+        return record_from_json(row["body"])
 
     def by_idempotency_key(self, owner: str | None, key: str) -> JobRecord | None:
         with self._lock:
@@ -143,13 +81,13 @@ class SqliteJobStore:
                         self._encode(record),
                     ),
                 )
-        except sqlite3.IntegrityError:
+        except sqlite3.IntegrityError as e:
             # Two requests with the same idempotency key raced; the first one's job wins.
-            if record.idempotency_key is None:
-                raise
-            existing = self.by_idempotency_key(record.owner, record.idempotency_key)
+            existing = None
+            if record.idempotency_key is not None:
+                existing = self.by_idempotency_key(record.owner, record.idempotency_key)
             if existing is None:
-                raise
+                raise DuplicateJob(f"job {record.id} exists already") from e
             return existing
         return record
 
@@ -159,6 +97,27 @@ class SqliteJobStore:
                 "UPDATE jobs SET status = ?, body = ? WHERE id = ?",
                 (record.status.value, self._encode(record), record.id),
             )
+
+    def claim(self, job_id: str, now: float) -> JobRecord | None:
+        with self._lock:
+            # IMMEDIATE: the write lock first, so that another process cannot claim between read and write.
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT body FROM jobs WHERE id = ?", (job_id,)).fetchone()
+                record = None if row is None else self._decode(row)
+                if record is None or record.status != JobStatus.queued:
+                    self._db.execute("COMMIT")
+                    return None
+                record.status, record.started, record.attempts = JobStatus.running, now, record.attempts + 1
+                self._db.execute(
+                    "UPDATE jobs SET status = ?, body = ? WHERE id = ?",
+                    (record.status.value, self._encode(record), record.id),
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return record
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:

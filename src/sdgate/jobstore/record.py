@@ -1,0 +1,93 @@
+"""A job's durable record, and the small protocol every job store implements."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sdgate.schemas import JobStatus
+
+
+@dataclass
+class JobRecord:
+    """Everything that must survive a restart."""
+
+    id: str
+    status: JobStatus
+    created: float
+    params: dict[str, Any]
+    model: str
+    owner: str | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    started: float | None = None
+    finished: float | None = None
+    attempts: int = 0
+    step: int = 0
+    images: list[dict[str, Any]] = field(default_factory=list)
+    error: dict[str, Any] | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    webhook: dict[str, Any] | None = None
+
+
+class DuplicateJob(ValueError):
+    """A record with this id exists already (ids are random: this is a bug, never a user error)."""
+
+
+def record_to_json(record: JobRecord) -> str:
+    """The whole record as one JSON document: the body every store keeps."""
+    body = dict(record.__dict__)
+    body["status"] = record.status.value
+    return json.dumps(body, separators=(",", ":"))
+
+
+def record_from_json(text: str) -> JobRecord:
+    body = json.loads(text)
+    body["status"] = JobStatus(body["status"])
+    return JobRecord(**body)
+
+
+class JobStore(Protocol):
+    """Where job records live: :class:`~sdgate.jobstore.SqliteJobStore` (default, one file under the
+    data dir) or :class:`~sdgate.jobstore.dynamodb.DynamoJobStore` (a DynamoDB table, for AWS Lambda)."""
+
+    def insert(self, record: JobRecord) -> JobRecord:
+        """Store a new record; if its (owner, idempotency_key) exists, return the existing one instead.
+
+        Atomic: of two inserts racing with one key, exactly one record is stored and both get it.
+        A second record with an existing id raises :class:`DuplicateJob`.
+        """
+        ...
+
+    def save(self, record: JobRecord) -> None:
+        """Write every field of an existing record (a record that is gone stays gone)."""
+        ...
+
+    def claim(self, job_id: str, now: float) -> JobRecord | None:
+        """Move a queued job to running (``started=now``, one more attempt) and return it.
+
+        None when it is not queued (another worker claimed it, it was canceled, it is gone): a job
+        handed to workers more than once still runs once.
+        """
+        ...
+
+    def by_idempotency_key(self, owner: str | None, key: str) -> JobRecord | None: ...
+
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
+        """Newest first; ``before`` is the ``created`` of the last record of the previous page."""
+        ...
+
+    def unfinished(self) -> list[JobRecord]:
+        """Jobs that were queued or running, oldest first (for recovery after a restart)."""
+        ...
+
+    def older_than(self, cutoff: float, limit: int = 500) -> list[JobRecord]:
+        """Terminal jobs created before ``cutoff``, oldest first."""
+        ...
+
+    def delete(self, job_ids: list[str]) -> None: ...
+
+    def close(self) -> None: ...
