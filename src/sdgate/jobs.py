@@ -225,10 +225,14 @@ class JobRunner:
         stored = self.store.insert(record)
         if stored.id != record.id:  # lost a race with the same key
             return self._idempotent(stored, body_hash), False
+        return self._schedule(record, params), True
+
+    def _schedule(self, record: JobRecord, params: GenerationParams) -> LiveJob | JobRecord:
+        """Start a freshly recorded job: here, as a task of this process (on Lambda: another invocation)."""
         live = LiveJob(record=record, params=params)
         self._live[record.id] = live
         self._spawn(self._execute(live))
-        return live, True
+        return live
 
     def _find_idempotent(self, owner: str | None, key: str) -> JobRecord | None:
         for live in self._live.values():
@@ -356,6 +360,22 @@ class JobRunner:
             await asyncio.sleep(0.05)
 
     # -- running --------------------------------------------------------------------------------
+
+    async def run(self, record: JobRecord) -> JobRecord:
+        """Run one recorded job to its end in this process, webhook included; returns its final record.
+
+        For a worker handed a job that another process accepted (the AWS Lambda worker): the job
+        skips the queue, and its record is expected to be claimed (running) already.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        live = LiveJob(record=record, params=params_from_dict(record.params))
+        self._live[record.id] = live
+        already = set(self._tasks)
+        await self._execute(live)
+        # Its webhook delivery too: a Lambda worker is frozen once it returns.
+        await asyncio.gather(*(self._tasks - already), return_exceptions=True)
+        return live.record
 
     def _mark_running(self, job: LiveJob) -> None:
         if job.record.status != JobStatus.queued:

@@ -25,6 +25,7 @@ _OPEN_PATHS = frozenset(
     {"/healthz", "/readyz", "/ping", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
 _SAGEMAKER_OPEN = frozenset({"/invocations"})
+OWNER_SCOPE_KEY = "sdgate.owner"
 
 # In the OpenAPI schema of every route that needs a key (when keys are required).
 AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -115,8 +116,13 @@ def _presented_key(request: Request) -> str | None:
 
 
 async def authenticate(request: Request) -> None:
-    """App-wide dependency: checks the key and leaves it (and its id as owner) on ``request.state``."""
+    """App-wide dependency: checks the key and leaves it (and its id as owner) on ``request.state``.
+
+    Without an sdgate key the owner is what a trusted layer in front put in the ASGI scope under
+    ``sdgate.owner`` (the AWS Lambda adapter: the API Gateway key), else nobody. Clients cannot set
+    scope entries; only code wrapping the app can.
+    """
     guard: Guard = request.app.state.guard
     key = guard.authenticate(request)
     request.state.api_key = key
-    request.state.owner = key.id if key else None
+    request.state.owner = key.id if key else request.scope.get(OWNER_SCOPE_KEY)
