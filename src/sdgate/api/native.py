@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from sdgate.api.auth import AUTH_RESPONSES
 from sdgate.api.context import Ctx, JsonBody, absolute_url
-from sdgate.errors import SdgateError
+from sdgate.errors import error_of_type
 from sdgate.jobs import LiveJob, request_hash
 from sdgate.jobstore import JobRecord
 from sdgate.schemas import (
@@ -93,11 +93,7 @@ async def create_generation(
     view = ctx.jobs.view(job)
     if view.status != JobStatus.succeeded:
         assert view.error is not None
-        err = SdgateError(view.error.message, headers={"X-Job-Id": view.id})
-        err.type = view.error.type
-        err.status = {"canceled": 409, "busy": 429, "not_ready": 503, "backend_error": 502, "storage_error": 503}.get(
-            view.error.type, 500
-        )
+        err = error_of_type(view.error.type, view.error.message, headers={"X-Job-Id": view.id})
         raise err
     return _public(request, view)
 
