@@ -143,7 +143,7 @@ class LambdaJobRunner(JobRunner):
             if now >= end:
                 return False
             await asyncio.sleep(min(delay, end - now))
-            delay = min(delay * 1.5, 1.0)
+            delay = min(delay * 1.5, 0.5)
             fresh = await asyncio.to_thread(self.store.get, job.id)
             if fresh is not None:
                 _update(job, fresh)
