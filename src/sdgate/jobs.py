@@ -198,6 +198,7 @@ class JobRunner:
         idempotency_key: str | None = None,
         body_hash: str | None = None,
         webhook_url: str | None = None,
+        base_url: str | None = None,
     ) -> tuple[LiveJob | JobRecord, bool]:
         """Record and queue a job. Returns (job, created); an idempotent repeat returns the first job."""
         if self._closing:
@@ -221,6 +222,7 @@ class JobRunner:
             idempotency_key=idempotency_key,
             request_hash=body_hash,
             webhook={"url": webhook_url, "delivered": False, "attempts": []} if webhook_url else None,
+            base_url=base_url,
         )
         stored = self.store.insert(record)
         if stored.id != record.id:  # lost a race with the same key
@@ -463,7 +465,12 @@ class JobRunner:
     async def _send_webhook(self, job: LiveJob) -> None:
         try:
             assert job.record.webhook is not None
-            body = self.view(job).model_dump_json().encode()
+            view = self.view(job)
+            # The receiver is not the client: relative /images/ URLs get the base URL of the request.
+            for img in view.images:
+                if img.url.startswith("/") and job.record.base_url:
+                    img.url = job.record.base_url.rstrip("/") + img.url
+            body = view.model_dump_json().encode()
             attempts = await deliver(
                 job.record.webhook["url"],
                 body,

@@ -389,6 +389,9 @@ def test_webhook_is_signed_retried_and_delivered_exactly_once(client: httpx.Clie
     assert delivered["id"] == job["id"]
     assert delivered["status"] == "succeeded"
     assert len(delivered["images"]) == 1
+    # The receiver is not the client: the image URL must work from anywhere, not be a relative path.
+    assert delivered["images"][0]["url"].startswith("http://127.0.0.1:")
+    assert httpx.get(delivered["images"][0]["url"], timeout=30).status_code == 200
 
 
 def test_webhook_to_loopback_is_refused_by_default(server: ServerProcess) -> None:

@@ -84,6 +84,7 @@ async def create_generation(
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")),
         webhook_url=body.webhook_url,
+        base_url=str(request.base_url),
     )
     # 3. answer
     if want_async:

@@ -25,6 +25,7 @@ class JobRecord:
     finished: float | None = None
     attempts: int = 0
     step: int = 0
+    base_url: str | None = None
     images: list[dict[str, Any]] = field(default_factory=list)
     error: dict[str, Any] | None = None
     timings: dict[str, float] = field(default_factory=dict)
