@@ -92,7 +92,9 @@ async def text2image(body: Text2ImageRequest, request: Request, ctx: Ctx) -> Any
 async def text2image_page(
     request: Request,
     ctx: Ctx,
-    prompt: Annotated[str, Query(description="What to draw.", max_length=10_000)],
+    # Bounded so that any prompt the schema allows fits in a URL the HTTP server accepts (about 64 KiB,
+    # percent-encoded); longer prompts go through POST.
+    prompt: Annotated[str, Query(description="What to draw.", max_length=2000)],
 ) -> HTMLResponse:
     """An HTML page that shows the prompt and its image."""
     try:
