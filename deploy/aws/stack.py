@@ -456,7 +456,7 @@ class PipBundler:
         # Lambda's Python 3.12 runs on Amazon Linux 2023 (glibc 2.34): both wheel generations fit.
         self.platforms = [f"manylinux2014_{machine}", f"manylinux_2_28_{machine}"]
 
-    def try_bundle(self, output_dir: str, options: Any = None) -> bool:  # jsii passes the options as one struct
+    def try_bundle(self, output_dir: str, options: Any = None) -> bool:
         version = RUNTIME.name.removeprefix("python")
         command = [
             sys.executable,
@@ -508,6 +508,8 @@ def lambda_code(architecture: str) -> lambda_.Code:
                 "cp -r /asset-input/src/sdgate /asset-output/ && rm -rf /asset-output/sdgate/models "
                 "&& find /asset-output/sdgate -name __pycache__ -prune -exec rm -rf {} +",
             ],
-            local=PipBundler(architecture),
+            # jsii calls try_bundle(output_dir, options) with the options as one struct, not as the
+            # keywords the typing stub names: the runtime's shape wins over the stub's.
+            local=PipBundler(architecture),  # type: ignore[arg-type]
         ),
     )
