@@ -115,3 +115,11 @@ def test_tokenizer_spells_every_caption_word_as_one_token(tmp_path: Path) -> Non
     ids = tok("a red fox").input_ids
     assert tok.unk_token_id not in ids[1:-1]  # CLIP's unknown token is its end token
     assert tok.decode(ids, skip_special_tokens=True) == "a red fox"
+
+
+def test_docstring_examples_hold() -> None:
+    import doctest
+
+    from sdgate.demo import scenes
+
+    assert doctest.testmod(scenes).failed == 0

@@ -4,8 +4,10 @@ A scene is a flat background colour with one to three shapes (circle, square, tr
 a named colour, a size (small or large) and a position (left, right, top, bottom or centre). Its
 caption says so in plain English::
 
-    >>> Scene.from_seed(3).caption()
-    'a large green triangle at the top on a white background'
+    >>> Scene.from_seed(4).caption()
+    'a large red circle at the bottom on a yellow background'
+    >>> Scene.from_seed(1).caption()
+    'a small black square on the left and a small red square at the top on a blue background'
 
 Everything is deterministic from a seed, so the data is unlimited and needs no download. Scenes
 draw at any size; coordinates are fractions of the image side.

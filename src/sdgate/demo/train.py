@@ -36,6 +36,10 @@ from sdgate.demo.scenes import COLOURS, Scene, caption_words, random_scene
 NATIVE_SIZE = 64
 MAX_TOKENS = 32  # the longest caption (three shapes) is 29 tokens; longer prompts are truncated
 CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional case
+# v-prediction (as SD 2.x): at high noise the target is mostly the clean image, so the model must get
+# the colours from the prompt there. With epsilon prediction the noise is an easy answer at high noise,
+# colours were settled later from the starting noise, and a first run drew backgrounds by seed, not prompt.
+PREDICTION_TYPE = "v_prediction"
 ATTRIBUTE_OMIT = 0.25  # chance that a caption leaves out a size, a position or the background
 
 LogFn = Callable[[str], None]
@@ -50,12 +54,19 @@ class TrainConfig:
     vae_batch: int = 16
     vae_crop: int = 32  # the VAE is convolutional: training on crops costs a quarter and teaches the same
     vae_lr: float = 1e-3
+    # Then the decoder alone, on whole images: sharper edges, and the latent space (the encoder) stays as
+    # the UNet learned it, as Stability AI's fine-tuned SD VAE decoders did.
+    decoder_steps: int = 1500
+    decoder_batch: int = 16
+    decoder_lr: float = 5e-4
     unet_steps: int = 1500
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
     latent_pool: int = 16384  # scenes encoded once by the frozen VAE; captions are re-drawn every time
-    preview_every: int = 0  # save a grid of samples every this many UNet steps (0: never); no effect on weights
+    # Every this many UNet steps (0: never), save a grid of samples and the stage as it would end after
+    # that many steps (out/stage-unet-NNNNN); neither changes the weights.
+    preview_every: int = 0
     # One thread: on a shared two-core machine two OpenMP threads wait on each other and ran 4-10x slower.
     threads: int = 1
 
@@ -71,6 +82,9 @@ class TrainReport:
     unet_seconds: float = 0.0
     unet_cpu_seconds: float = 0.0
     vae_loss: float = 0.0
+    decoder_seconds: float = 0.0
+    decoder_cpu_seconds: float = 0.0
+    decoder_loss: float = 0.0
     unet_loss: float = 0.0
     scaling_factor: float = 1.0
     history: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
@@ -172,6 +186,11 @@ def build_components(seed: int) -> dict[str, Any]:
         cross_attention_dim=128,
         attention_head_dim=4,  # diffusers' name for the number of heads
         norm_num_groups=8,
+        # The prompt, attention-pooled, also joins the timestep embedding that scales every block: a
+        # global path for global things (the background). Without it a first run still drew the same
+        # image for every prompt after 250 steps; cross-attention alone is slow to start from scratch.
+        addition_embed_type="text",
+        addition_embed_type_num_heads=4,
     )
     vae = AutoencoderKL(
         in_channels=3,
@@ -188,7 +207,12 @@ def build_components(seed: int) -> dict[str, Any]:
         sample_size=NATIVE_SIZE,
     )
     scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        prediction_type=PREDICTION_TYPE,
     )
     return {"tokenizer": tokenizer, "text_encoder": text_encoder, "unet": unet, "vae": vae, "scheduler": scheduler}
 
@@ -214,10 +238,12 @@ def _crops(x: Any, size: int, rng: random.Random) -> Any:
     return torch.stack(out)
 
 
-def _lr(step: int, total: int, peak: float, warmup: int = 100) -> float:
-    """Linear warm-up, then cosine decay to a tenth of the peak."""
+def _lr(step: int, total: int | None, peak: float, warmup: int = 100) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the peak (or constant when ``total`` is None)."""
     if step < warmup:
         return peak * (step + 1) / warmup
+    if total is None:
+        return peak
     progress = (step - warmup) / max(1, total - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
@@ -257,15 +283,62 @@ def train_vae(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> No
     vae.eval().requires_grad_(False)
 
 
+def finetune_decoder(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> None:
+    """Train only the decoder (and its input conv) on whole scenes; the encoder, hence the latents, stay fixed."""
+    import torch
+
+    rng = random.Random(cfg.seed * 1_000_003 + 4)
+    gen = torch.Generator().manual_seed(cfg.seed + 4)
+    vae.requires_grad_(False)
+    params = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
+    vae.decoder.train()
+    history = report.history.setdefault("decoder", [])
+    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    for step in range(cfg.decoder_steps):
+        for group in opt.param_groups:
+            group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr)
+        x = _images([random_scene(rng) for _ in range(cfg.decoder_batch)])
+        with torch.no_grad():
+            latents = vae.encode(x).latent_dist.sample(generator=gen)
+        mse = torch.nn.functional.mse_loss(vae.decode(latents).sample, x)
+        opt.zero_grad(set_to_none=True)
+        mse.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        running = mse.item() if step == 0 else 0.98 * running + 0.02 * mse.item()
+        if step % 50 == 0 or step == cfg.decoder_steps - 1:
+            history.append((step, running))
+            log(f"decoder step {step}/{cfg.decoder_steps} mse {running:.5f} ({time.perf_counter() - start:.0f}s)")
+    report.decoder_loss = running
+    report.decoder_seconds = time.perf_counter() - start
+    report.decoder_cpu_seconds = time.process_time() - cpu_start
+    vae.eval().requires_grad_(False)
+
+
 # -- 3. text encoder + UNet -----------------------------------------------------------------------
 
 
-def encode_pool(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> tuple[list[Scene], Any]:
-    """Encode ``latent_pool`` scenes once with the frozen VAE: the UNet stage reuses them with fresh captions."""
+def encode_pool(
+    vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn, cache: Path | None = None
+) -> tuple[list[Scene], Any]:
+    """Encode ``latent_pool`` scenes once with the frozen VAE: the UNet stage reuses them with fresh captions.
+
+    With ``cache``, the encoded pool is kept there and reused by a run with the same VAE settings.
+    """
     import torch
 
     rng = random.Random(cfg.seed * 1_000_003 + 2)
     scenes = [random_scene(rng) for _ in range(cfg.latent_pool)]
+    key = {k: v for k, v in asdict(cfg).items() if k in ("seed", "latent_pool") or k.startswith("vae_")}
+    if cache is not None and cache.is_file():
+        saved = torch.load(str(cache), weights_only=True)
+        if json.loads(saved["key"]) == key:
+            report.scaling_factor, report.encode_seconds = float(saved["scaling_factor"]), float(saved["seconds"])
+            log(f"reusing the encoded scenes of {cache}")
+            return scenes, saved["pool"]
     start = time.perf_counter()
     means, stds = [], []
     with torch.inference_mode():
@@ -278,7 +351,11 @@ def encode_pool(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> 
     report.scaling_factor = float(1.0 / mean.std())
     report.encode_seconds = time.perf_counter() - start
     log(f"encoded {len(scenes)} scenes in {report.encode_seconds:.0f}s, scaling_factor {report.scaling_factor:.4f}")
-    return scenes, torch.stack([mean, std])
+    pool = torch.stack([mean, std])
+    if cache is not None:
+        record = {"key": json.dumps(key), "pool": pool, "scaling_factor": report.scaling_factor}
+        torch.save({**record, "seconds": report.encode_seconds}, str(cache))
+    return scenes, pool
 
 
 def train_denoiser(
@@ -288,20 +365,27 @@ def train_denoiser(
     cfg: TrainConfig,
     report: TrainReport,
     log: LogFn,
-    preview: Callable[[int], None] | None = None,
+    preview: Callable[[int, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """Epsilon-prediction DDPM loss with min-SNR weighting; returns the EMA weights of both models."""
+    """DDPM loss (v-prediction, min-SNR weighting); returns the EMA weights of both models.
+
+    Every ``preview_every`` steps ``preview(step, ema)`` gets to look (the models in eval mode).
+    """
     import torch
     from diffusers import DDPMScheduler
 
     tokenizer, text_encoder, unet = parts["tokenizer"], parts["text_encoder"], parts["unet"]
     noise_sched = DDPMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=PREDICTION_TYPE,
     )
     alphas = noise_sched.alphas_cumprod
     snr = alphas / (1 - alphas)
     # min-SNR-5: low-noise steps, which are easy, stop dominating the loss; training converges faster.
-    weights = torch.clamp(snr, max=5.0) / snr
+    weights = torch.clamp(snr, max=5.0) / (snr + 1)  # min-SNR-5 in its v-prediction form
 
     rng = random.Random(cfg.seed * 1_000_003 + 3)
     gen = torch.Generator().manual_seed(cfg.seed + 3)
@@ -317,7 +401,9 @@ def train_denoiser(
     start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
     for step in range(cfg.unet_steps):
         for group in opt.param_groups:
-            group["lr"] = _lr(step, cfg.unet_steps, cfg.unet_lr, warmup=200)
+            # Constant after warm-up, with an EMA of the weights: nothing depends on the number of
+            # steps, so the first N steps of a longer run are exactly a run of N steps.
+            group["lr"] = _lr(step, None, cfg.unet_lr, warmup=200)
         idx = [rng.randrange(len(scenes)) for _ in range(cfg.unet_batch)]
         captions = ["" if rng.random() < CAPTION_DROPOUT else scenes[i].caption(rng, omit=ATTRIBUTE_OMIT) for i in idx]
         ids = tokenizer(captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt")
@@ -328,7 +414,8 @@ def train_denoiser(
         noisy = noise_sched.add_noise(latents, noise, t)
         cond = text_encoder(ids.input_ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=cond).sample
-        per_sample = ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+        target = noise_sched.get_velocity(latents, noise, t)
+        per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -351,7 +438,10 @@ def train_denoiser(
         if preview is not None and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
             text_encoder.eval()
             unet.eval()
-            preview(step + 1)
+            report.unet_loss = running
+            report.unet_seconds = time.perf_counter() - start
+            report.unet_cpu_seconds = time.process_time() - cpu_start
+            preview(step + 1, ema)
             text_encoder.train()
             unet.train()
     report.unet_loss = running
@@ -436,38 +526,107 @@ def reconstruction_grid(vae: Any, path: Path, count: int = 8) -> None:
     grid.resize((grid.width * 4, grid.height * 4), Image.Resampling.NEAREST).save(path)
 
 
-def _vae_stage(parts: dict[str, Any], cfg: TrainConfig, report: TrainReport, out: Path, log: LogFn) -> None:
-    """Train the VAE, or reuse the one a previous run with the same settings left in ``out/stage-vae``.
+def _stage(
+    name: str,
+    prefixes: tuple[str, ...],
+    train: Callable[[Any, TrainConfig, TrainReport, LogFn], None],
+    parts: dict[str, Any],
+    cfg: TrainConfig,
+    report: TrainReport,
+    out: Path,
+    log: LogFn,
+) -> float:
+    """Run a VAE stage, or reuse what a previous run with the same settings left in ``out/stage-NAME``.
 
-    The VAE stage depends only on the seed and the ``vae_*`` settings, so an interrupted or retuned
-    run picks up after it with the very weights it would have trained again.
+    A VAE stage depends only on the seed and its own settings, so an interrupted or retuned run
+    picks up after it with the very weights it would have trained again. Returns the seconds the
+    reused stage took when it ran (0 when it ran now).
     """
     from diffusers import AutoencoderKL
 
-    stage = out / "stage-vae"
-    key = {k: v for k, v in asdict(cfg).items() if k == "seed" or k.startswith("vae_")}
+    stage = out / f"stage-{name}"
+    key = {k: v for k, v in asdict(cfg).items() if k == "seed" or k.startswith(prefixes)}
     record = stage / "stage.json"
+    fields = (f"{name}_seconds", f"{name}_cpu_seconds", f"{name}_loss")
     if record.is_file() and json.loads(record.read_text())["key"] == key:
         saved = json.loads(record.read_text())
         parts["vae"] = AutoencoderKL.from_pretrained(str(stage)).eval().requires_grad_(False)
-        report.vae_seconds, report.vae_cpu_seconds = saved["vae_seconds"], saved["vae_cpu_seconds"]
-        report.vae_loss, report.history["vae"] = saved["vae_loss"], saved["history"]
-        log(f"reusing the VAE of {stage} (trained in {report.vae_seconds / 60:.1f} min)")
-        return
-    train_vae(parts["vae"], cfg, report, log)
+        for f in fields:
+            setattr(report, f, saved[f])
+        report.history[name] = saved["history"]
+        log(f"reusing the {name} stage of {stage} ({saved[fields[0]] / 60:.1f} min)")
+        return float(saved[fields[0]])
+    train(parts["vae"], cfg, report, log)
     parts["vae"].save_pretrained(str(stage), safe_serialization=True)
-    saved = {
-        "key": key,
-        "vae_seconds": report.vae_seconds,
-        "vae_cpu_seconds": report.vae_cpu_seconds,
-        "vae_loss": report.vae_loss,
-        "history": report.history["vae"],
-    }
+    saved = {"key": key, "history": report.history[name], **{f: getattr(report, f) for f in fields}}
     record.write_text(json.dumps(saved) + "\n", encoding="utf-8")
+    return 0.0
+
+
+def _unet_key(cfg: TrainConfig, steps: int | None = None) -> dict[str, Any]:
+    keep = ("vae_", "unet_", "latent_pool", "ema_decay")
+    key = {k: v for k, v in asdict(cfg).items() if k == "seed" or k.startswith(keep)}
+    if steps is not None:
+        key["unet_steps"] = steps
+    key["prediction_type"] = PREDICTION_TYPE
+    return key
+
+
+def _save_unet_stage(stage: Path, key: dict[str, Any], parts: dict[str, Any], report: TrainReport) -> None:
+    parts["text_encoder"].save_pretrained(str(stage / "text_encoder"), safe_serialization=True)
+    parts["unet"].save_pretrained(str(stage / "unet"), safe_serialization=True)
+    saved = {"key": key, "history": report.history["unet"], **{f: getattr(report, f) for f in _UNET_FIELDS}}
+    (stage / "stage.json").write_text(json.dumps(saved) + "\n", encoding="utf-8")
+
+
+_UNET_FIELDS = ("scaling_factor", "encode_seconds", "unet_seconds", "unet_cpu_seconds", "unet_loss")
+
+
+def _unet_stage(parts: dict[str, Any], cfg: TrainConfig, report: TrainReport, out: Path, log: LogFn) -> float:
+    """Encode the latent pool and train text encoder + UNet, or reuse ``out/stage-unet`` (as :func:`_stage`).
+
+    With ``preview_every``, ``out/stage-unet-NNNNN`` holds the stage as a run of NNNNN steps would
+    leave it; renamed to ``stage-unet`` it is reused by a run with ``unet_steps=NNNNN``.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    stage = out / "stage-unet"
+    key = _unet_key(cfg)
+    record = stage / "stage.json"
+    if record.is_file() and json.loads(record.read_text())["key"] == key:
+        saved = json.loads(record.read_text())
+        parts["text_encoder"] = CLIPTextModel.from_pretrained(str(stage / "text_encoder")).eval()
+        parts["unet"] = UNet2DConditionModel.from_pretrained(str(stage / "unet")).eval()
+        for f in _UNET_FIELDS:
+            setattr(report, f, saved[f])
+        report.history["unet"] = saved["history"]
+        log(f"reusing the unet stage of {stage} ({saved['unet_seconds'] / 60:.1f} min)")
+        return float(saved["encode_seconds"] + saved["unet_seconds"])
+    scenes, pool = encode_pool(parts["vae"], cfg, report, log, cache=out / "stage-vae" / "pool.pt")
+    pipe = assemble(parts, report.scaling_factor)
+    pipe.set_progress_bar_config(disable=True)
+    ema_parts = build_components(cfg.seed)  # weights replaced by the EMA's below
+
+    def preview(step: int, ema: dict[str, Any]) -> None:
+        sample_grid(pipe, out / f"preview-{step:05d}.png", SAMPLE_PROMPTS[:4], seeds=4)
+        ema_parts["text_encoder"].load_state_dict(ema["text_encoder"])
+        ema_parts["unet"].load_state_dict(ema["unet"])
+        _save_unet_stage(out / f"stage-unet-{step:05d}", _unet_key(cfg, step), ema_parts, report)
+
+    ema = train_denoiser(parts, scenes, pool, cfg, report, log, preview)
+    # The EMA weights are the ones kept: smoother than the last step's.
+    parts["text_encoder"].load_state_dict(ema["text_encoder"])
+    parts["unet"].load_state_dict(ema["unet"])
+    _save_unet_stage(stage, key, parts, report)
+    return 0.0
 
 
 def train_demo(out: Path, cfg: TrainConfig | None = None, log: LogFn = print) -> TrainReport:
-    """Train the demo model and save the pipeline to ``out`` (with ``training.json`` and ``samples.png``)."""
+    """Train the demo model and save the pipeline to ``out`` (with ``training.json`` and ``samples.png``).
+
+    Each stage leaves its weights in ``out/stage-*``; a run with the same settings reuses them.
+    """
     import torch
 
     cfg = cfg or TrainConfig()
@@ -478,24 +637,20 @@ def train_demo(out: Path, cfg: TrainConfig | None = None, log: LogFn = print) ->
     # 1. parts with fresh weights
     parts = build_components(cfg.seed)
     # 2. VAE, then frozen
-    _vae_stage(parts, cfg, report, out, log)
+    reused = _stage("vae", ("vae_",), train_vae, parts, cfg, report, out, log)
+    reconstruction_grid(parts["vae"], out / "reconstructions-vae.png")
+    # 3. text encoder + UNet on the frozen VAE's latents
+    reused += _unet_stage(parts, cfg, report, out, log)
+    # 4. the decoder alone, on whole scenes (the latents the UNet learned stay as they were)
+    reused += _stage("decoder", ("vae_", "decoder_"), finetune_decoder, parts, cfg, report, out, log)
     reconstruction_grid(parts["vae"], out / "reconstructions.png")
-    scenes, pool = encode_pool(parts["vae"], cfg, report, log)
-    # 3. text encoder + UNet; the EMA weights are the ones kept
+    # 5. save
     pipe = assemble(parts, report.scaling_factor)
-    pipe.set_progress_bar_config(disable=True)
-
-    def preview(step: int) -> None:
-        sample_grid(pipe, out / f"preview-{step:05d}.png", SAMPLE_PROMPTS[:4], seeds=4)
-
-    ema = train_denoiser(parts, scenes, pool, cfg, report, log, preview)
-    parts["text_encoder"].load_state_dict(ema["text_encoder"])
-    parts["unet"].load_state_dict(ema["unet"])
-    # 4. save
     pipe.save_pretrained(str(out), safe_serialization=True)
-    total = report.vae_seconds + (time.perf_counter() - started)
+    total = reused + (time.perf_counter() - started)
     summary = {**asdict(report), "total_seconds": total, "colours": list(COLOURS)}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
+    pipe.set_progress_bar_config(disable=True)
     sample_grid(pipe, out / "samples.png")
     log(f"done in {total / 60:.1f} min: vae mse {report.vae_loss:.5f}, unet loss {report.unet_loss:.4f}")
     return report
