@@ -33,7 +33,8 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check src tests
 	$(BIN)/mypy
 
-bench: $(VENV)/.installed-test
+bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e ".[engine,aws,test,bench]"
 	$(BIN)/python -m bench
 
 clean:

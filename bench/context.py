@@ -1,0 +1,170 @@
+"""What every scenario shares: the model, the servers, the budget, and the interleaved comparison.
+
+Every comparison is made inside one run, interleaved: the systems being compared take turns in
+short rounds (the order reversed every other round), so that a change in the machine's background
+load hits all of them alike instead of whichever happened to run at that moment. During a turn only
+the server being measured runs; the others are paused.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from bench import servers
+from bench.load import LoadResult, closed_loop, sequential
+from bench.pipeline import BarePipeline, Shape
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much of everything to run: the full suite, or the smoke test's tiny counts."""
+
+    rounds: int = 2
+    overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 6, 64: 25})
+    clients: tuple[int, ...] = (1, 4, 8, 16)
+    warmup_s: dict[int, float] = field(default_factory=lambda: {64: 1.0, 256: 2.5})
+    window_s: dict[int, float] = field(default_factory=lambda: {64: 3.0, 256: 5.0})
+    payload_sizes: tuple[int, ...] = (512, 768)
+    payload_calls: int = 2
+    memory_marks: tuple[int, ...] = (100, 1000)
+    fresh_memory_server: bool = True
+
+
+FULL = Budget()
+SMOKE = Budget(
+    rounds=1,
+    overhead_calls={512: 1, 64: 2},
+    clients=(1, 8),
+    warmup_s={64: 0.2, 256: 0.2},
+    window_s={64: 0.5, 256: 0.5},
+    payload_sizes=(128,),
+    payload_calls=1,
+    memory_marks=(4, 12),
+    fresh_memory_server=False,
+)
+
+
+@dataclass
+class Context:
+    """The shared state of one run."""
+
+    models_dir: Path
+    model_dir: Path
+    log_dir: Path
+    budget: Budget
+    fleet: servers.Fleet
+    _by_name: dict[str, servers.Server] = field(default_factory=dict)
+    _bare: BarePipeline | None = None
+
+    @property
+    def bare(self) -> BarePipeline:
+        """The pipeline in this process, loaded on first use."""
+        if self._bare is None:
+            self._bare = BarePipeline(self.models_dir)
+        return self._bare
+
+    def launch(self, names: set[str], wait: bool = True) -> None:
+        """Start the named servers at once (their models load in parallel); wait until all are ready."""
+        for name in sorted(names - set(self._by_name)):
+            if name == "plain":
+                server = servers.plain(self.model_dir, self.log_dir)
+            elif name == "litserve":
+                server = servers.litserve(self.model_dir, self.log_dir)
+            else:
+                batch = 1 if name == "sdgate-nobatch" else 8
+                server = servers.sdgate(self.models_dir, self.log_dir, max_batch_size=batch, name=name)
+            self._by_name[name] = self.fleet.add(server)
+        if wait:
+            self.fleet.wait_ready()
+
+    def server(self, name: str) -> servers.Server:
+        if name not in self._by_name:
+            self.launch({name})
+        return self._by_name[name]
+
+    def focus(self, name: str | None) -> None:
+        """Let only the named server run (None: none, for the pipeline in process)."""
+        self.fleet.focus(None if name is None else self.server(name))
+
+
+# -- interleaved comparisons ---------------------------------------------------------------------
+
+Measure = Callable[[int], LoadResult]
+"""One turn of one system in a comparison; its argument is the round number."""
+
+Arm = tuple[str | None, Measure]
+"""A system in a comparison: the server it loads (None: the pipeline in process) and its measurement."""
+
+
+def interleave(ctx: Context, arms: dict[str, Arm]) -> dict[str, LoadResult]:
+    """Give every arm one turn per round, odd rounds in reverse order; merge each arm's turns."""
+    merged: dict[str, LoadResult] = {}
+    names = list(arms)
+    for r in range(ctx.budget.rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            server_name, measure = arms[name]
+            ctx.focus(server_name)
+            result = measure(r)
+            if name in merged:
+                merged[name].merge(result)
+            else:
+                merged[name] = result
+    ctx.focus(None)
+    return merged
+
+
+def engine_counters(server: servers.Server) -> tuple[float, float]:
+    """(images, pipeline calls) so far, from sdgate's /metrics."""
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    images = re.search(r"^sdgate_images_total (\S+)$", text, re.M)
+    calls = re.search(r"^sdgate_pipeline_calls_total (\S+)$", text, re.M)
+    return (float(images.group(1)) if images else 0.0, float(calls.group(1)) if calls else 0.0)
+
+
+def load_arm(server: servers.Server, shape: Shape, clients: int, warmup_s: float, window_s: float) -> Measure:
+    """Closed-loop clients against a server; for sdgate also the images per pipeline call it reports."""
+    is_sdgate = server.generate_path == "/v1/generations"
+
+    def measure(_r: int) -> LoadResult:
+        before = engine_counters(server) if is_sdgate else (0.0, 0.0)
+        result = closed_loop(server.generate_url, shape.body, clients=clients, warmup_s=warmup_s, window_s=window_s)
+        if is_sdgate:
+            after = engine_counters(server)
+            result.engine_images, result.engine_calls = after[0] - before[0], after[1] - before[1]
+        return result
+
+    return measure
+
+
+def sequential_arm(
+    client: httpx.Client, server: servers.Server, shape: Shape, n: int, answers: list[dict[str, object]]
+) -> Measure:
+    """``n`` requests one at a time; their JSON answers go to ``answers``."""
+
+    def measure(r: int) -> LoadResult:
+        return LoadResult(1, 1, sequential(client, server.generate_url, shape.body, n, r * n, answers))
+
+    return measure
+
+
+def bare_calls_arm(bare: BarePipeline, shape: Shape, n: int) -> Measure:
+    """``n`` single-image calls of the pipeline in process."""
+
+    def measure(r: int) -> LoadResult:
+        return LoadResult(1, 1, bare.latencies(shape, n, start=r * n))
+
+    return measure
+
+
+def bare_batch_arm(bare: BarePipeline, shape: Shape, batch: int, window_s: float) -> Measure:
+    """Back-to-back pipeline calls of ``batch`` images for ``window_s``: the throughput ceiling."""
+
+    def measure(_r: int) -> LoadResult:
+        return LoadResult(batch, 1, bare.for_duration(shape, window_s, batch), window_s)
+
+    return measure
