@@ -54,8 +54,12 @@ def start_server(
     ready: bool = True,
     timeout: float = 120,
     python: str = sys.executable,
+    model: str | None = "tiny",
 ) -> ServerProcess:
     """Run ``sdgate serve`` on a free loopback port and wait for /readyz (or /healthz when ``ready`` is False).
+
+    The model is ``model`` — the random-weight ``tiny``, the fastest, unless a test asks for another;
+    None leaves sdgate's own default — or what ``env`` (``SDGATE_MODEL``) or ``args`` (``--model``) say.
 
     ``python`` is the interpreter to run it with (another virtual environment's, say).
     """
@@ -64,6 +68,8 @@ def start_server(
     log_path = data_dir / f"server-{port}.log"
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
     full_env.update({"SDGATE_DATA_DIR": str(data_dir), "SDGATE_HOST": "127.0.0.1", "SDGATE_PORT": str(port)})
+    if model is not None:
+        full_env["SDGATE_MODEL"] = model
     full_env.update(env or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -67,9 +67,9 @@ class Settings(BaseSettings):
 
     # -- model / engine -------------------------------------------------------------------------
     model: str = Field(
-        "tiny",
-        description="Built-in model name, Hugging Face model id, local pipeline directory, "
-        "or a single-file .safetensors/.ckpt checkpoint.",
+        "demo",
+        description="Built-in model name (demo: trained on simple shapes; tiny: random weights, fastest), "
+        "Hugging Face model id, local pipeline directory, or a single-file .safetensors/.ckpt checkpoint.",
     )
     device: Device = Field("auto", description="auto | cpu | cuda | mps.")
     dtype: DType = Field("auto", description="auto (fp16 on CUDA, fp32 elsewhere) | float32 | float16 | bfloat16.")
@@ -82,6 +82,21 @@ class Settings(BaseSettings):
         description="Diffusers config (hub id or directory) for a single-file checkpoint; needed offline.",
     )
     warmup: bool = Field(True, description="Run one short generation at start so the first request is fast.")
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="CPU threads for the model (torch intra-op). Default: all cores but one, which is left for "
+        "HTTP, encoding and storage (on two shared cores, two threads ran 20-100x slower than one).",
+    )
+    channels_last: bool = Field(
+        False, description="Channels-last memory format for the UNet and VAE (measured in docs/benchmarks.md)."
+    )
+    compile: bool = Field(
+        False,
+        description="torch.compile the UNet: a slow start (the warm-up compiles it), then faster steps on CUDA; "
+        "see docs/benchmarks.md.",
+    )
     default_steps: int | None = Field(
         None, ge=1, le=150, description="Steps when a request names none (default: the model's own)."
     )

@@ -59,7 +59,7 @@ class TrainConfig:
     decoder_steps: int = 1500
     decoder_batch: int = 16
     decoder_lr: float = 5e-4
-    unet_steps: int = 1500
+    unet_steps: int = 2750
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.995
@@ -644,13 +644,19 @@ def train_demo(out: Path, cfg: TrainConfig | None = None, log: LogFn = print) ->
     # 4. the decoder alone, on whole scenes (the latents the UNet learned stay as they were)
     reused += _stage("decoder", ("vae_", "decoder_"), finetune_decoder, parts, cfg, report, out, log)
     reconstruction_grid(parts["vae"], out / "reconstructions.png")
-    # 5. save
+    # 5. save: float16 weights (half the size; they load as float32 on a CPU), and the tokenizer also as
+    # vocab.json + merges.txt, which transformers 4 reads (5 reads tokenizer.json)
     pipe = assemble(parts, report.scaling_factor)
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    pipe.to(torch.float16).save_pretrained(str(out), safe_serialization=True)
+    write_tokenizer_files(out / "tokenizer")
     total = reused + (time.perf_counter() - started)
     summary = {**asdict(report), "total_seconds": total, "colours": list(COLOURS)}
     (out / "training.json").write_text(json.dumps(summary, indent=1) + "\n", encoding="utf-8")
-    pipe.set_progress_bar_config(disable=True)
-    sample_grid(pipe, out / "samples.png")
+    # Samples from the saved files, loaded as any model is: what ships is what gets looked at.
+    from diffusers import StableDiffusionPipeline
+
+    shipped = StableDiffusionPipeline.from_pretrained(str(out), torch_dtype=torch.float32)
+    shipped.set_progress_bar_config(disable=True)
+    sample_grid(shipped, out / "samples.png")
     log(f"done in {total / 60:.1f} min: vae mse {report.vae_loss:.5f}, unet loss {report.unet_loss:.4f}")
     return report

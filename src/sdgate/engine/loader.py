@@ -14,6 +14,8 @@ from sdgate.schemas import ModelDefaults
 
 log = logging.getLogger("sdgate.engine")
 
+DEMO_STEPS = 20
+DEMO_GUIDANCE = 5.0
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # A key that only SDXL checkpoints (in the original single-file layout) carry: the second text encoder.
 _SDXL_KEY_PREFIX = "conditioner.embedders.1."
@@ -83,6 +85,9 @@ def model_defaults(name: str, pipe: Any) -> ModelDefaults:
     scale = int(getattr(pipe, "vae_scale_factor", 8))
     sample = getattr(pipe.unet.config, "sample_size", 64)
     side = int(sample if isinstance(sample, int) else sample[0]) * scale
+    if name == "demo":
+        # Trained at 64x64; 20 Euler steps converge and guidance 5 keeps colours clean (see its model card).
+        return ModelDefaults(width=side, height=side, num_inference_steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE)
     if name in BUILTIN_MODELS:
         return ModelDefaults(width=side, height=side, num_inference_steps=4, guidance_scale=7.5)
     if "turbo" in name.lower():
@@ -91,10 +96,21 @@ def model_defaults(name: str, pipe: Any) -> ModelDefaults:
 
 
 def load_model(
-    spec: str, *, device: str, dtype: str, models_dir: Path, single_file_config: str | None = None
+    spec: str,
+    *,
+    device: str,
+    dtype: str,
+    models_dir: Path,
+    single_file_config: str | None = None,
+    channels_last: bool = False,
+    compile_unet: bool = False,
 ) -> LoadedModel:
-    """Steps: resolve the spec → choose device/dtype → load → move → configure."""
-    import torch  # noqa: F401  (fail early and clearly if the engine extra is missing)
+    """Steps: resolve the spec → choose device/dtype → load → move → configure.
+
+    ``channels_last`` and ``compile_unet`` are the speed-ups measured in docs/benchmarks.md; both are
+    off by default because neither helps everywhere (compiling takes a minute or more at start).
+    """
+    import torch  # (fail early and clearly if the engine extra is missing)
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
@@ -133,5 +149,12 @@ def load_model(
     # 3. move and configure
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile_unet:
+        # Compiled lazily: the engine's warm-up pays for the first shape; a new batch size or image
+        # size recompiles once, after which shapes are treated as dynamic.
+        pipe.unet = torch.compile(pipe.unet)
     log.info("loaded model %s (%s) on %s as %s", spec, type(pipe).__name__, dev, torch_dtype)
     return LoadedModel(pipeline=pipe, name=spec, device=dev, dtype=torch_dtype, defaults=model_defaults(spec, pipe))
