@@ -427,6 +427,7 @@ class JobRunner:
                 "total": round((time.time() - job.record.created) * 1000, 2),
             }
             self._recent_ms = [*self._recent_ms[-19:], (time.perf_counter() - t0) * 1000]
+            self.metrics.batch_images.observe(result.batch_images)
             job.step = job.total_steps = job.params.num_inference_steps
             self._finish(job, JobStatus.succeeded)
         except asyncio.CancelledError:

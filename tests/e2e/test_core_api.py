@@ -115,6 +115,11 @@ def test_eight_concurrent_requests_share_pipeline_calls(server: ServerProcess) -
     assert requests == n
     assert 1 <= calls < n, f"{n} concurrent requests took {calls} pipeline calls: no batching"
     assert after["sdgate_images_total"] - before["sdgate_images_total"] == n
+    # The per-job histogram of batch sizes says the same: these jobs shared calls of more than one image.
+    jobs = after["sdgate_job_batch_images_count"] - before.get("sdgate_job_batch_images_count", 0.0)
+    batch_images = after["sdgate_job_batch_images_sum"] - before.get("sdgate_job_batch_images_sum", 0.0)
+    assert jobs == n
+    assert batch_images > n, f"mean batch {batch_images / n}: every job ran alone"
 
 
 # -- validation: every bad input is a 4xx naming the field, before any model work -----------------

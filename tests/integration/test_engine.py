@@ -11,7 +11,7 @@ import pytest
 
 from sdgate.config import Settings
 from sdgate.engine.loader import LoadedModel
-from sdgate.engine.runner import Engine
+from sdgate.engine.runner import Engine, usable_cores
 from sdgate.errors import GenerationFailed, NotReady
 from sdgate.schemas import SCHEDULER_NAMES
 from tests.integration.pipelines import ScriptedPipeline, loader_for, params, started_engine
@@ -210,3 +210,26 @@ def test_a_model_that_fails_to_load_refuses_requests_with_the_reason(tmp_path: P
             engine.submit(params(settings)).result(TIMEOUT)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize(("setting", "expected"), [(3, 3), (None, max(1, usable_cores() - 1))])
+def test_the_model_runs_with_the_configured_number_of_cpu_threads(
+    tmp_path: Path, setting: int | None, expected: int
+) -> None:
+    """The thread count is set on the engine's own thread, where the pipeline runs (OpenMP counts per thread)."""
+    import torch
+
+    seen: list[int] = []
+
+    def loader() -> Any:
+        seen.append(torch.get_num_threads())
+        raise RuntimeError("no model needed")
+
+    settings = Settings(data_dir=tmp_path, model="tiny", device="cpu", warmup=False, torch_threads=setting)
+    engine = Engine(settings, loader)
+    engine.start()
+    try:
+        engine.wait_ready(TIMEOUT)
+    finally:
+        engine.close()
+    assert seen == [expected]

@@ -21,6 +21,7 @@ class BackendResult:
     images: list[GeneratedImage]
     queue_ms: float = 0.0
     inference_ms: float = 0.0
+    batch_images: int = 1  # images in the pipeline call that made these (batching shows as > 1)
 
 
 class Backend(Protocol):

@@ -52,7 +52,12 @@ class LocalBackend:
             # The caller went away (client disconnected): stop spending the device on it.
             cancel.set()
             raise
-        return BackendResult(images=result.images, queue_ms=result.queue_ms, inference_ms=result.inference_ms)
+        return BackendResult(
+            images=result.images,
+            queue_ms=result.queue_ms,
+            inference_ms=result.inference_ms,
+            batch_images=result.batch_images,
+        )
 
     def stats(self) -> dict[str, Any]:
         return {"queue_depth": self.engine.queue_depth(), **self.engine.stats.snapshot()}
