@@ -145,6 +145,16 @@ def test_container_path_answers_like_the_runtime_path(endpoint: ServerProcess) -
     assert meta is not None and meta["seed"] == 5 and meta["prompt"] == "a lighthouse"
 
 
+def test_models_shows_the_defaults_settings_give(endpoint: ServerProcess) -> None:
+    """SDGATE_DEFAULT_WIDTH/HEIGHT/STEPS (64, 64, 2 on this endpoint) are what /v1/models reports and what a
+    request that leaves them out gets."""
+    [card] = httpx.get(f"{endpoint.url}/v1/models", timeout=10).json()["data"]
+    assert (card["default_width"], card["default_height"], card["default_steps"]) == (64, 64, 2)
+    body = httpx.post(f"{endpoint.url}/v1/generations", json={"prompt": "defaults"}, timeout=120).json()
+    assert (body["images"][0]["width"], body["images"][0]["height"]) == (64, 64)
+    assert body["progress"]["total_steps"] == 2
+
+
 def test_ping(endpoint: ServerProcess) -> None:
     resp = httpx.get(f"{endpoint.url}/ping", timeout=10)
     assert resp.status_code == 200

@@ -158,17 +158,19 @@ async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingRespon
 @router.get("/models", response_model=ModelList, responses=AUTH_RESPONSES, tags=["models"])
 async def list_models(ctx: Ctx) -> ModelList:
     """The model this server runs, with the defaults a request gets when it leaves fields out."""
-    d = ctx.backend.defaults()
+    d, s = ctx.backend.defaults(), ctx.settings
+    # The same precedence as resolve_request: request, then SDGATE_DEFAULT_*, then the model's own.
+    guidance = s.default_guidance_scale if s.default_guidance_scale is not None else d.guidance_scale
     return ModelList(
         data=[
             ModelCard(
                 id=ctx.backend.model_name,
                 backend=ctx.backend.name,
                 ready=ctx.backend.ready(),
-                default_width=d.width,
-                default_height=d.height,
-                default_steps=ctx.settings.default_steps or d.num_inference_steps,
-                default_guidance_scale=d.guidance_scale,
+                default_width=s.default_width or d.width,
+                default_height=s.default_height or d.height,
+                default_steps=s.default_steps or d.num_inference_steps,
+                default_guidance_scale=guidance,
                 schedulers=list(SCHEDULER_NAMES),
             )
         ]
