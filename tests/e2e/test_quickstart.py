@@ -11,8 +11,9 @@ from tests.server import ServerProcess
 
 
 def test_generation_returns_url_of_a_jpeg_of_the_requested_size(server: ServerProcess) -> None:
-    resp = httpx.post(f"{server.url}/v1/generations", json={"prompt": "a red fox", "width": 256, "height": 192},
-                      timeout=120)
+    resp = httpx.post(
+        f"{server.url}/v1/generations", json={"prompt": "a red fox", "width": 256, "height": 192}, timeout=120
+    )
     assert resp.status_code == 200, resp.text
     body = resp.json()
     assert body["status"] == "succeeded"
