@@ -38,7 +38,8 @@ def tiny_model_dir(models_dir: Path) -> Path:
     """Build the built-in ``tiny`` pipeline once under ``models_dir``; every server loads that copy."""
     from sdgate.engine.builtin import ensure_builtin
 
-    return ensure_builtin(MODEL, models_dir)
+    model_dir: Path = ensure_builtin(MODEL, models_dir)
+    return model_dir
 
 
 @dataclass

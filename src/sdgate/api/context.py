@@ -24,7 +24,11 @@ class AppContext:
     guard: Guard
 
 
-def get_context(request: Request) -> AppContext:
+# Dependencies are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency
+# in its thread pool, a thread hop (and a wait for the GIL) on every request for a dictionary lookup.
+
+
+async def get_context(request: Request) -> AppContext:
     ctx: AppContext = request.app.state.ctx
     return ctx
 
@@ -32,7 +36,7 @@ def get_context(request: Request) -> AppContext:
 Ctx = Annotated[AppContext, Depends(get_context)]
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """JSON routes refuse other bodies with 415 rather than a confusing validation error."""
     content_type = request.headers.get("content-type", "")
     media = content_type.split(";", 1)[0].strip().lower()
