@@ -58,6 +58,9 @@ log = logging.getLogger("sdgate.jobs")
 
 # A job that was running when the process died is run once more; a second interruption fails it.
 MAX_ATTEMPTS = 2
+# How far back a restart looks for finished jobs whose webhook was never delivered (or the
+# retention window, when that is shorter).
+WEBHOOK_RECOVERY_S = 24 * 3600.0
 
 
 def request_hash(body: dict[str, Any]) -> str:
@@ -171,6 +174,24 @@ class JobRunner:
             self._live[record.id] = live
             self._spawn(self._execute(live))
             log.info("job %s recovered and re-queued (attempts so far: %d)", record.id, record.attempts)
+        self._recover_webhooks()
+
+    def _recover_webhooks(self) -> None:
+        """Deliver the webhooks of finished jobs whose delivery the previous process did not complete.
+
+        ``webhook["delivered"]`` is written only when a delivery ends (delivered or out of attempts),
+        so a webhook without it was owed when the process stopped.
+        """
+        window = min(WEBHOOK_RECOVERY_S, self.settings.retention_s or WEBHOOK_RECOVERY_S)
+        for record in self.store.finished_since(time.time() - window):
+            if not record.webhook or not record.webhook.get("url") or "delivered" in record.webhook:
+                continue
+            params = params_from_dict(record.params)
+            live = LiveJob(record=record, params=params, step=record.step, total_steps=params.num_inference_steps)
+            live.done.set()
+            self._live[record.id] = live
+            self._spawn(self._send_webhook(live))
+            log.info("job %s: webhook delivery interrupted by a restart; delivering it now", record.id)
 
     # -- accepting ------------------------------------------------------------------------------
 
@@ -221,7 +242,8 @@ class JobRunner:
             owner=owner,
             idempotency_key=idempotency_key,
             request_hash=body_hash,
-            webhook={"url": webhook_url, "delivered": False, "attempts": []} if webhook_url else None,
+            # No "delivered" until a delivery ends: its absence tells a restart that one is owed.
+            webhook={"url": webhook_url, "attempts": []} if webhook_url else None,
             base_url=base_url,
         )
         stored = self.store.insert(record)

@@ -4,7 +4,8 @@ idempotency, and recovery after kill -9.
 One server with a queue of three, a 0.2 s sync timeout and webhooks allowed to 127.0.0.1 serves every
 test here; each test leaves the engine idle. A "blocker" is a long job held running until a test
 cancels it, so that what queues behind it is deterministic without any timing assumption. The crash
-test runs last: it kills that server and restarts it on the same data directory.
+test runs last: it kills that server and restarts it on the same data directory. The test of a
+webhook owed at a crash starts servers of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -519,3 +522,61 @@ def test_jobs_running_and_queued_at_kill_9_finish_after_restart(servers: list[Se
             assert job["status"] in TERMINAL, f"job {job['id']} stayed {job['status']} after the restart"
             if job["status"] == "succeeded":
                 assert_images_downloadable(job)
+
+
+def test_webhook_owed_at_kill_9_is_delivered_once_after_restart(tmp_path: Path) -> None:
+    """The job ended, its webhook was still being retried when the server died: the next start delivers it.
+
+    Its own servers and data directory: the first delivery attempt gets a 500, and a retry delay of
+    ten minutes keeps the delivery pending until the kill. A delivered webhook is not sent again.
+    """
+    receiver = Receiver(failures=1)
+    env = {**JOBS_ENV, "SDGATE_WEBHOOK_BACKOFF_S": "600"}
+    servers = [start_server(tmp_path / "data", env=env)]
+    try:
+        first = servers[0]
+        with httpx.Client(base_url=first.url, timeout=DEADLINE_S) as client:
+            job_id = submit(client, {"prompt": "owed a webhook", **SMALL, "webhook_url": receiver.url})["id"]
+            done = wait_for(client, job_id, lambda j: j["status"] == "succeeded", "succeeded")
+            deadline = time.monotonic() + DEADLINE_S
+            while not receiver.calls:
+                assert time.monotonic() < deadline, "no webhook attempt before the kill"
+                time.sleep(0.05)
+            pending = get_job(client, job_id)
+            assert pending["webhook"] == {"url": receiver.url, "delivered": False, "attempts": []}, pending
+            first.kill()
+        assert [c["status"] for c in receiver.calls] == [500]
+
+        second = start_server(first.data_dir, env=env)
+        servers.append(second)
+        with httpx.Client(base_url=second.url, timeout=DEADLINE_S) as client:
+            after = wait_for(
+                client, job_id, lambda j: j["webhook"]["delivered"], "delivered after the restart", may_end_first=True
+            )
+        assert [a.get("status") for a in after["webhook"]["attempts"]] == [200]
+        assert f"job {job_id}: webhook delivery interrupted by a restart" in second.log()
+        assert [c["status"] for c in receiver.calls] == [500, 200]
+        call = receiver.calls[-1]
+        assert call["verified"], "the delivery after the restart was not signed"
+        payload = json.loads(call["body"])
+        assert (payload["id"], payload["status"]) == (job_id, "succeeded")
+        assert payload["images"] and len(payload["images"]) == len(done["images"])
+        for img in payload["images"]:
+            # Absolute, with the base URL of the original request; the image is there after the restart.
+            url = urlsplit(img["url"])
+            assert url.scheme == "http" and url.hostname == "127.0.0.1", img["url"]
+            assert httpx.get(second.url + url.path, timeout=DEADLINE_S).status_code == 200
+
+        second.stop()
+        third = start_server(first.data_dir, env=env)
+        servers.append(third)
+        # Recovery runs before the server is ready: by now it has decided, and it owes nothing.
+        assert "webhook delivery interrupted" not in third.log()
+        time.sleep(0.5)
+        assert len(receiver.calls) == 2, "a delivered webhook was sent again after a restart"
+        with httpx.Client(base_url=third.url, timeout=DEADLINE_S) as client:
+            assert get_job(client, job_id)["webhook"] == after["webhook"]
+    finally:
+        for srv in servers:
+            srv.stop()
+        receiver.close()

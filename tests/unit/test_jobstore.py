@@ -143,6 +143,21 @@ def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: JobStore
     assert store.older_than(100.0) == []
 
 
+def test_finished_since_returns_only_terminal_jobs_from_the_cutoff_oldest_first(store: JobStore) -> None:
+    store.insert(record(100.0, JobStatus.succeeded))  # finished, but before the cutoff
+    at_cutoff = store.insert(record(200.0, JobStatus.failed))
+    store.insert(record(250.0, JobStatus.queued))  # recent but unfinished
+    running = store.insert(record(260.0, JobStatus.running))
+    later = [store.insert(record(300.0 + i, s)) for i, s in enumerate(reversed(JobStatus)) if s.is_terminal()]
+    assert [r.id for r in store.finished_since(200.0)] == [at_cutoff.id, *(r.id for r in later)]
+    assert [r.id for r in store.finished_since(200.1)] == [r.id for r in later]
+    assert store.finished_since(1000.0) == []
+    # A job that ends later is found from then on, with its whole record.
+    running.status, running.webhook = JobStatus.succeeded, {"url": "https://example.com/h", "attempts": []}
+    store.save(running)
+    assert store.finished_since(250.0)[0] == running
+
+
 def test_delete(store: JobStore) -> None:
     a, b, c = (store.insert(record(1000.0 + i)) for i in range(3))
     store.delete([a.id, c.id])

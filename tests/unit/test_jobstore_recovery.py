@@ -137,6 +137,49 @@ def test_recovery_reruns_unfinished_jobs_and_fails_those_interrupted_twice(data_
     store.close()
 
 
+def test_recovery_delivers_only_the_webhooks_owed_when_the_process_stopped(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner, _backend, store, _storage = make_runner(data_dir)
+    now = time.time()
+    sent: list[str] = []
+
+    async def fake_deliver(url: str, body: bytes, **kw: Any) -> list[dict[str, Any]]:
+        sent.append(url)
+        return [{"at": time.time(), "status": 200}]
+
+    monkeypatch.setattr("sdgate.jobs.deliver", fake_deliver)
+
+    def finished(created: float, webhook: dict[str, Any] | None) -> JobRecord:
+        rec = record(JobStatus.succeeded, created)
+        rec.finished, rec.webhook = created + 2, webhook
+        return store.insert(rec)
+
+    owed = finished(now - 60, {"url": "https://example.com/owed", "attempts": []})
+    delivered = finished(now - 50, {"url": "https://example.com/done", "delivered": True, "attempts": [{"at": 1}]})
+    exhausted = finished(now - 40, {"url": "https://example.com/gave-up", "delivered": False, "attempts": [{"at": 1}]})
+    too_old = finished(now - 2 * 24 * 3600, {"url": "https://example.com/old", "attempts": []})
+    no_hook = finished(now - 30, None)
+
+    async def scenario() -> None:
+        await runner.start()
+        deadline = time.monotonic() + 30
+        while isinstance(runner.find(owed.id), LiveJob):  # live until its delivery is over
+            assert time.monotonic() < deadline, "the owed webhook was not delivered"
+            await asyncio.sleep(0.01)
+        await runner.close()
+
+    asyncio.run(scenario())
+
+    assert sent == ["https://example.com/owed"]
+    got = store.get(owed.id)
+    assert got is not None and got.webhook is not None
+    assert got.webhook["delivered"] is True and [a["status"] for a in got.webhook["attempts"]] == [200]
+    for untouched in (delivered, exhausted, too_old, no_hook):
+        assert store.get(untouched.id) == untouched
+    store.close()
+
+
 def test_sweep_removes_old_finished_jobs_and_their_images(data_dir: Path) -> None:
     runner, _backend, store, storage = make_runner(data_dir)
     now = time.time()

@@ -233,6 +233,10 @@ class DynamoJobStore:
         merged = heapq.merge(*queues, key=_created)
         return [self._record(i) for _, i in zip(range(limit), merged, strict=False)]
 
+    def finished_since(self, cutoff: float) -> list[JobRecord]:
+        queues = [self._query("by-status", "status", s, newest_first=False, after=cutoff) for s in _TERMINAL]
+        return [self._record(i) for i in heapq.merge(*queues, key=_created)]
+
     def _query(
         self,
         index: str,
@@ -241,14 +245,22 @@ class DynamoJobStore:
         *,
         newest_first: bool,
         before: float | None = None,
+        after: float | None = None,
         limit: int | None = None,
     ) -> Iterator[dict[str, Any]]:
-        """Items of one index partition in ``created`` order, page after page, at most ``limit``."""
+        """Items of one index partition in ``created`` order, page after page, at most ``limit``.
+
+        At most one bound: ``created < before`` or ``created >= after`` (a key condition compares its
+        sort key once).
+        """
         condition = "#p = :p"
         values: dict[str, Any] = {":p": {"S": value}}
         if before is not None:
             condition += " AND created < :before"
             values[":before"] = {"N": _number(before)}
+        if after is not None:
+            condition += " AND created >= :after"
+            values[":after"] = {"N": _number(after)}
         args: dict[str, Any] = {
             "TableName": self.table,
             "IndexName": index,

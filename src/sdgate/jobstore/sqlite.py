@@ -155,6 +155,15 @@ class SqliteJobStore:
             ).fetchall()
         return [self._decode(r) for r in rows]
 
+    def finished_since(self, cutoff: float) -> list[JobRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM jobs WHERE created >= ? AND status IN ('succeeded', 'failed', 'canceled') "
+                "ORDER BY created",
+                (cutoff,),
+            ).fetchall()
+        return [self._decode(r) for r in rows]
+
     def delete(self, job_ids: list[str]) -> None:
         if not job_ids:
             return
