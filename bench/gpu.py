@@ -106,10 +106,10 @@ def log(msg: str) -> None:
 def build_pipeline(target: Path) -> Any:
     """SD 2.1-base with random weights, fp16 on the GPU, saved to ``target`` for the server to load."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from sdgate.engine.builtin import ensure_builtin
+    from sdgate.engine.builtin import ensure_builtin, sd_pipeline
 
     torch.manual_seed(0)
     with torch.device(DEVICE):
@@ -120,19 +120,9 @@ def build_pipeline(target: Path) -> Any:
     from transformers import CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(str(ensure_builtin("tiny", target.parent / "models") / "tokenizer"))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, steps_offset=1
+    pipe = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet).to(
+        torch.float16 if DEVICE == "cuda" else torch.float32
     )
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(torch.float16 if DEVICE == "cuda" else torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(target), safe_serialization=True)
     params = sum(p.numel() for p in unet.parameters()) / 1e6

@@ -457,19 +457,16 @@ def train_denoiser(
 
 def assemble(parts: dict[str, Any], scaling_factor: float) -> Any:
     """The parts as a ``StableDiffusionPipeline`` (no safety checker: the model only draws shapes)."""
-    from diffusers import StableDiffusionPipeline
+    from sdgate.engine.builtin import sd_pipeline
 
     vae = parts["vae"]
     vae.register_to_config(scaling_factor=scaling_factor)
-    return StableDiffusionPipeline(
+    return sd_pipeline(
         vae=vae,
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         unet=parts["unet"],
         scheduler=parts["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
 
 

@@ -19,6 +19,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 BUILTIN_MODELS = ("demo", "tiny")
 DEMO_DIR = Path(__file__).resolve().parent.parent / "models" / "demo"
@@ -58,7 +59,7 @@ def _write_char_tokenizer_files(directory: Path) -> dict[str, int]:
 def build_tiny(target: Path, seed: int = 0) -> None:
     """Build the ``tiny`` pipeline from configs with weights from ``seed`` and save it to ``target``."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
@@ -102,6 +103,19 @@ def build_tiny(target: Path, seed: int = 0) -> None:
             norm_num_groups=8,
             sample_size=512,
         )
+        pipe = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
+        pipe.save_pretrained(str(target), safe_serialization=True)
+    (target / _MARKER).write_text(json.dumps({"name": "tiny", "version": _TINY_VERSION, "seed": seed}))
+
+
+def sd_pipeline(*, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any = None) -> Any:
+    """A ``StableDiffusionPipeline`` of these parts, with Stable Diffusion's own Euler schedule by default.
+
+    No safety checker: the built-in models cannot draw anything that would need one.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+    if scheduler is None:
         scheduler = EulerDiscreteScheduler(
             beta_start=0.00085,
             beta_end=0.012,
@@ -109,18 +123,16 @@ def build_tiny(target: Path, seed: int = 0) -> None:
             num_train_timesteps=1000,
             steps_offset=1,
         )
-        pipe = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.save_pretrained(str(target), safe_serialization=True)
-    (target / _MARKER).write_text(json.dumps({"name": "tiny", "version": _TINY_VERSION, "seed": seed}))
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
 
 
 def ensure_builtin(name: str, models_dir: Path) -> Path:
