@@ -86,8 +86,7 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="CPU threads for the model (torch intra-op). Default: all cores but one, which is left for "
-        "HTTP, encoding and storage (on two shared cores, two threads ran 20-100x slower than one).",
+        description="CPU threads for the model (torch intra-op). Default: torch's own (one per core).",
     )
     channels_last: bool = Field(
         False, description="Channels-last memory format for the UNet and VAE (measured in docs/benchmarks.md)."

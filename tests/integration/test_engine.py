@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,7 +14,7 @@ import pytest
 
 from sdgate.config import Settings
 from sdgate.engine.loader import LoadedModel
-from sdgate.engine.runner import Engine, usable_cores
+from sdgate.engine.runner import Engine
 from sdgate.errors import GenerationFailed, NotReady
 from sdgate.schemas import SCHEDULER_NAMES
 from tests.integration.pipelines import ScriptedPipeline, loader_for, params, started_engine
@@ -212,13 +215,14 @@ def test_a_model_that_fails_to_load_refuses_requests_with_the_reason(tmp_path: P
         engine.close()
 
 
-@pytest.mark.parametrize(("setting", "expected"), [(3, 3), (None, max(1, usable_cores() - 1))])
-def test_the_model_runs_with_the_configured_number_of_cpu_threads(
-    tmp_path: Path, setting: int | None, expected: int
-) -> None:
-    """The thread count is set on the engine's own thread, where the pipeline runs (OpenMP counts per thread)."""
+@pytest.mark.parametrize("setting", [3, None])
+def test_the_model_runs_with_the_configured_number_of_cpu_threads(tmp_path: Path, setting: int | None) -> None:
+    """The thread count is set on the engine's own thread, where the pipeline runs (OpenMP counts per thread);
+    without a setting torch's own count stands."""
     import torch
 
+    original = torch.get_num_threads()
+    expected = setting or original
     seen: list[int] = []
 
     def loader() -> Any:
@@ -232,4 +236,16 @@ def test_the_model_runs_with_the_configured_number_of_cpu_threads(
         engine.wait_ready(TIMEOUT)
     finally:
         engine.close()
+        torch.set_num_threads(original)  # the count is process-wide: leave it as the other tests found it
     assert seen == [expected]
+
+
+def test_openmp_threads_wait_passively_unless_the_user_chose() -> None:
+    """Importing the engine sets OMP_WAIT_POLICY=PASSIVE for torch's OpenMP runtime, as a default only."""
+    code = "import os, sdgate.engine; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "ACTIVE"

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -64,14 +63,6 @@ class EngineStats:
             "canceled": self.canceled,
             "batch_sizes": dict(sorted(self.batch_sizes.items())),
         }
-
-
-def usable_cores() -> int:
-    """CPU cores this process may run on (its affinity mask, where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 class _StopBatch(Exception):
@@ -158,14 +149,15 @@ class Engine:
         )
 
     def _main(self) -> None:
-        # 1. threads, then load. Set here, on the thread that runs the pipeline: OpenMP's thread count
-        # is per calling thread.
-        try:
-            import torch
+        # 1. threads (when set), then load. Set here, on the thread that runs the pipeline: OpenMP's
+        # thread count is per calling thread.
+        if self.settings.torch_threads:
+            try:
+                import torch
 
-            torch.set_num_threads(self.settings.torch_threads or max(1, usable_cores() - 1))
-        except ImportError:
-            pass  # reported by the load below
+                torch.set_num_threads(self.settings.torch_threads)
+            except ImportError:
+                pass  # reported by the load below
         try:
             loaded = self._loader()
             self._pipe = loaded.pipeline
