@@ -58,10 +58,13 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
         model_dir = servers.tiny_model_dir(models_dir)
         log_dir = work / "logs"
         log_dir.mkdir()
-        ctx = Context(models_dir, model_dir, log_dir, budget, fleet)
+        # torch's default thread count is every system's; imported here, not at the top, so that --help is quick.
+        import torch
+
+        ctx = Context(models_dir, model_dir, log_dir, budget, fleet, torch.get_num_threads())
         # 2. the servers, all started at once so that their models load in parallel (and with the in-process one)
-        ctx.launch(servers_for(args.scenarios, budget.fresh_memory_server), wait=False)
-        threads = ctx.bare.threads
+        ctx.launch(servers_for(args.scenarios, budget), wait=False)
+        ctx.bare  # noqa: B018 - load the in-process pipeline while the servers load theirs
         fleet.wait_ready()
         _say(f"servers ready after {time.perf_counter() - t0:.0f} s")
         # 3. the scenarios
@@ -80,7 +83,7 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
     if args.out is not None:
         info = report.RunInfo(
             command=report.command_line(),
-            machine=report.Machine.describe(threads),
+            machine=report.Machine.describe(ctx.torch_threads),
             started=started,
             seconds=seconds,
             load_before=load_before,

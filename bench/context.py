@@ -25,7 +25,11 @@ class Budget:
     """How much of everything to run: the full suite, or the smoke test's tiny counts."""
 
     rounds: int = 2
+    overhead_sizes: tuple[int, int] = (512, 64)
+    """The large and the small size of the overhead scenario (the goals: ≤ 1.03 and ≤ 1.10)."""
     overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 6, 64: 25})
+    peer_large: int = 256
+    """The larger size of the peers scenario (the smaller is 64x64)."""
     clients: tuple[int, ...] = (1, 4, 8, 16)
     warmup_s: dict[int, float] = field(default_factory=lambda: {64: 1.0, 256: 2.5})
     window_s: dict[int, float] = field(default_factory=lambda: {64: 3.0, 256: 5.0})
@@ -33,20 +37,29 @@ class Budget:
     payload_calls: int = 2
     memory_marks: tuple[int, ...] = (100, 1000)
     fresh_memory_server: bool = True
+    own_threads_row: bool = True
+    """Also measure sdgate with its own default thread count in the peers scenario."""
 
 
 FULL = Budget()
 SMOKE = Budget(
     rounds=1,
-    overhead_calls={512: 1, 64: 2},
+    overhead_sizes=(128, 64),
+    overhead_calls={128: 1, 64: 2},
+    peer_large=128,
     clients=(1, 8),
-    warmup_s={64: 0.2, 256: 0.2},
-    window_s={64: 0.5, 256: 0.5},
+    warmup_s={64: 0.2, 128: 0.2},
+    window_s={64: 0.5, 128: 0.5},
     payload_sizes=(128,),
     payload_calls=1,
     memory_marks=(4, 12),
     fresh_memory_server=False,
+    own_threads_row=False,
 )
+
+
+OWN_THREADS = "sdgate-own-threads"
+"""The sdgate server that runs with its own default thread count rather than torch's."""
 
 
 @dataclass
@@ -58,6 +71,9 @@ class Context:
     log_dir: Path
     budget: Budget
     fleet: servers.Fleet
+    torch_threads: int
+    """torch's default thread count here; every system gets it (sdgate through SDGATE_TORCH_THREADS)."""
+    verbose: bool = True
     _by_name: dict[str, servers.Server] = field(default_factory=dict)
     _bare: BarePipeline | None = None
 
@@ -77,7 +93,10 @@ class Context:
                 server = servers.litserve(self.model_dir, self.log_dir)
             else:
                 batch = 1 if name == "sdgate-nobatch" else 8
-                server = servers.sdgate(self.models_dir, self.log_dir, max_batch_size=batch, name=name)
+                # sdgate's own default leaves a core for HTTP, encoding and storage; "sdgate-own-threads"
+                # keeps it, every other sdgate runs with the same threads as the peers and the baseline.
+                threads = {} if name == OWN_THREADS else {"SDGATE_TORCH_THREADS": str(self.torch_threads)}
+                server = servers.sdgate(self.models_dir, self.log_dir, max_batch_size=batch, name=name, extra=threads)
             self._by_name[name] = self.fleet.add(server)
         if wait:
             self.fleet.wait_ready()
@@ -86,6 +105,11 @@ class Context:
         if name not in self._by_name:
             self.launch({name})
         return self._by_name[name]
+
+    def say(self, line: str) -> None:
+        """A progress line on the terminal (not in the report)."""
+        if self.verbose:
+            print(line, flush=True)
 
     def focus(self, name: str | None) -> None:
         """Let only the named server run (None: none, for the pipeline in process)."""
@@ -101,7 +125,7 @@ Arm = tuple[str | None, Measure]
 """A system in a comparison: the server it loads (None: the pipeline in process) and its measurement."""
 
 
-def interleave(ctx: Context, arms: dict[str, Arm]) -> dict[str, LoadResult]:
+def interleave(ctx: Context, label: str, arms: dict[str, Arm]) -> dict[str, LoadResult]:
     """Give every arm one turn per round, odd rounds in reverse order; merge each arm's turns."""
     merged: dict[str, LoadResult] = {}
     names = list(arms)
@@ -110,6 +134,10 @@ def interleave(ctx: Context, arms: dict[str, Arm]) -> dict[str, LoadResult]:
             server_name, measure = arms[name]
             ctx.focus(server_name)
             result = measure(r)
+            ctx.say(
+                f"  {label} · {name} · round {r + 1}: {result.images_per_s:.1f} images/s, "
+                f"p50 {result.latencies.p50 * 1000:.0f} ms"
+            )
             if name in merged:
                 merged[name].merge(result)
             else:

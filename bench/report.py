@@ -46,7 +46,8 @@ class Machine:
             f"- CPU: {self.cpu}, {self.cores} cores available to the run, {self.memory_gib:.0f} GiB memory",
             f"- {self.system}, Python {self.python}",
             f"- {versions}",
-            f"- torch threads: {self.torch_threads} (torch's default) in every server and in the in-process pipeline",
+            f"- torch threads: {self.torch_threads} (torch's default) in every server and in the in-process pipeline "
+            "(sdgate: `SDGATE_TORCH_THREADS`)",
         ]
 
 
@@ -186,8 +187,10 @@ def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
         "otherwise. It is built once; every server and the in-process pipeline load that same directory.",
         "- sdgate: `sdgate serve` with its defaults, plus `SDGATE_MODEL=tiny`, `SDGATE_DEVICE=cpu`, a fresh "
         "`SDGATE_DATA_DIR`, `SDGATE_QUEUE_SIZE=10000` and `SDGATE_SYNC_TIMEOUT=600` (so that no load meets a 429 "
-        "or a 202; on loopback there are no API keys and so no rate limit). Every request is a durable job: "
-        "SQLite record, JPEG encoded, image and sidecar stored on disk, URL returned.",
+        "or a 202; on loopback there are no API keys and so no rate limit), and `SDGATE_TORCH_THREADS` set to "
+        f"torch's default ({run.machine.torch_threads}), the thread count of every other system here; sdgate's "
+        "own default, all cores but one, appears in the peers table for information. Every request is a "
+        "durable job: SQLite record, JPEG encoded, image and sidecar stored on disk, URL returned.",
         "- Load: closed-loop clients (`httpx.AsyncClient` in the benchmark process): each sends its next "
         "request when the previous one is answered. Throughput is `clients / mean latency` (Little's law) over "
         "the requests started in the measurement window, after a warm-up; p50/p95 are over the same requests.",
@@ -228,4 +231,4 @@ def utc_now() -> datetime:
 def command_line() -> str:
     """How this run was started, as a command to paste."""
     args = " ".join(sys.argv[1:])
-    return f"python -m bench {args}".rstrip() + "    # or: make bench"
+    return f"python -m bench {args}".rstrip() if args else "make bench    # or: .venv/bin/python -m bench"

@@ -21,7 +21,9 @@ import httpx
 
 from bench import servers
 from bench.context import (
+    OWN_THREADS,
     Arm,
+    Budget,
     Context,
     bare_batch_arm,
     bare_calls_arm,
@@ -35,7 +37,7 @@ from bench.pipeline import Shape
 
 # -- 1. overhead ---------------------------------------------------------------------------------
 
-_OVERHEAD_TARGETS = {512: 1.03, 64: 1.10}
+_OVERHEAD_TARGETS = (1.03, 1.10)  # p50 ratio at the large size, at 64x64
 
 
 def overhead(ctx: Context) -> Outcome:
@@ -56,7 +58,7 @@ def overhead(ctx: Context) -> Outcome:
     )
     outcome = Outcome([table, parts])
     with httpx.Client(timeout=300) as client:
-        for size, target in _OVERHEAD_TARGETS.items():
+        for size, target in zip(ctx.budget.overhead_sizes, _OVERHEAD_TARGETS, strict=True):
             shape = Shape(size, size)
             n = ctx.budget.overhead_calls[size]
             ctx.focus("sdgate")
@@ -66,6 +68,7 @@ def overhead(ctx: Context) -> Outcome:
             answers: list[dict[str, Any]] = []
             got = interleave(
                 ctx,
+                f"overhead {shape.label}",
                 {
                     "http": ("sdgate", sequential_arm(client, server, shape, n, answers)),
                     "direct": (None, bare_calls_arm(ctx.bare, shape, n)),
@@ -139,6 +142,7 @@ def concurrency(ctx: Context) -> Outcome:
         warmup_s, window_s = b.warmup_s[64], b.window_s[64]
         results = interleave(
             ctx,
+            f"concurrency {clients} clients",
             {
                 "on": ("sdgate", load_arm(on, shape, clients, warmup_s, window_s)),
                 "off": ("sdgate-nobatch", load_arm(off, shape, clients, warmup_s, window_s)),
@@ -304,39 +308,44 @@ def payload(ctx: Context) -> Outcome:
 # -- 4. peers ------------------------------------------------------------------------------------
 
 PEERS = ("sdgate", "plain", "litserve")
-_POINTS = ((64, 8), (256, 8), (64, 1))
 
 
 def peers(ctx: Context) -> Outcome:
     """sdgate against the plain pattern, LitServe and the bare batched pipeline, under the same load."""
     b = ctx.budget
-    ctx.launch(set(PEERS))
+    systems = [*PEERS, OWN_THREADS] if b.own_threads_row else list(PEERS)
+    ctx.launch(set(systems))
     table = Table(
         "Peers: the same model, machine and load",
         ["size", "clients", "system", "images/s", "p50 ms", "p95 ms", "vs bare pipeline"],
         note="plain: a FastAPI route calling the pipeline under a lock, answering image/jpeg "
-        "(bench/peers/plain.py). LitServe: max_batch_size=8, batch_timeout=0.05 s, answering base64 JPEG in JSON "
-        "(bench/peers/litserve_server.py). sdgate: its defaults, answering the URL of the stored JPEG. Bare "
-        "pipeline: called in process back to back, batch 8 for 8 clients and batch 1 for one client; the "
-        "ceiling, with no HTTP, encoding or storage at all. 4 steps, guidance 7.5, quality 90 everywhere.",
+        "(bench/peers/plain.py). LitServe: max_batch_size=8, batch_timeout=0.05 s (request timeout 600 s, like "
+        "sdgate's sync timeout here), answering base64 JPEG in JSON (bench/peers/litserve_server.py). sdgate: "
+        f"its defaults but {ctx.torch_threads} torch threads like everyone else, answering the URL of the stored "
+        "JPEG; mean batch: images per pipeline call, from its /metrics. sdgate, own threads: the same with "
+        "`SDGATE_TORCH_THREADS` unset, its default of all cores but one (for information; the goals use the "
+        "row above). Bare pipeline: called in process back to back, batch 8 for 8 clients and batch 1 for one "
+        "client; the ceiling, with no HTTP, encoding or storage at all. 4 steps, guidance 7.5, JPEG quality 90 "
+        "everywhere.",
     )
     outcome = Outcome([table])
     measured: dict[tuple[int, int], dict[str, LoadResult]] = {}
-    for size, clients in _POINTS:
+    large = b.peer_large
+    for size, clients in ((64, 8), (large, 8), (64, 1)):
         shape = Shape(size, size)
         warmup_s, window_s = b.warmup_s[size], b.window_s[size]
         ctx.focus(None)
         ctx.bare.latencies(shape, 1, clients)  # the first call at this size and batch
         arms: dict[str, Arm] = {
-            name: (name, load_arm(ctx.server(name), shape, clients, warmup_s, window_s)) for name in PEERS
+            name: (name, load_arm(ctx.server(name), shape, clients, warmup_s, window_s)) for name in systems
         }
         arms["bare"] = (None, bare_batch_arm(ctx.bare, shape, clients, window_s))
-        results = interleave(ctx, arms)
+        results = interleave(ctx, f"peers {shape.label} {clients} clients", arms)
         measured[(size, clients)] = results
         ceiling = results["bare"].images_per_s
         for name, r in results.items():
-            label = f"bare pipeline, batch {clients}" if name == "bare" else name
-            if name == "sdgate" and clients > 1:
+            label = {"bare": f"bare pipeline, batch {clients}", OWN_THREADS: "sdgate, own threads"}.get(name, name)
+            if name in ("sdgate", OWN_THREADS) and clients > 1:
                 label += f" (mean batch {r.mean_batch:.1f})"
             table.rows.append(
                 [
@@ -349,12 +358,12 @@ def peers(ctx: Context) -> Outcome:
                     f"{r.images_per_s / ceiling:.0%}",
                 ]
             )
-    outcome.goals += _peer_goals(measured)
+    outcome.goals += _peer_goals(measured, large)
     return outcome
 
 
-def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]]) -> list[Goal]:
-    at64, at256, one = measured[(64, 8)], measured[(256, 8)], measured[(64, 1)]
+def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: int) -> list[Goal]:
+    at64, at_large, one = measured[(64, 8)], measured[(large, 8)], measured[(64, 1)]
 
     def throughput(what: str, at: dict[str, LoadResult], peer: str, target: float) -> Goal:
         value = at["sdgate"].images_per_s / at[peer].images_per_s
@@ -369,7 +378,7 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]]) -> list[
         throughput("sdgate / plain pattern, 8 clients at 64x64 (images/s)", at64, "plain", 2.0),
         throughput("sdgate / LitServe (batch 8), 8 clients at 64x64 (images/s)", at64, "litserve", 1.2),
         throughput("sdgate / bare batched pipeline, 8 clients at 64x64", at64, "bare", 0.90),
-        throughput("sdgate / bare batched pipeline, 8 clients at 256x256", at256, "bare", 0.95),
+        throughput(f"sdgate / bare batched pipeline, 8 clients at {large}x{large}", at_large, "bare", 0.95),
     ]
     for peer in ("plain", "litserve"):
         mine, theirs = one["sdgate"].latencies.p50, one[peer].latencies.p50
@@ -434,13 +443,13 @@ SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
 """Scenario name → function, in the order they run."""
 
 
-def servers_for(names: list[str], fresh_memory_server: bool) -> set[str]:
+def servers_for(names: list[str], budget: Budget) -> set[str]:
     """The servers the chosen scenarios need; the suite starts them all at once."""
     needed = {
         "overhead": {"sdgate"},
         "concurrency": {"sdgate", "sdgate-nobatch"},
         "payload": {"sdgate"},
-        "peers": set(PEERS),
-        "memory": {"sdgate-memory" if fresh_memory_server else "sdgate"},
+        "peers": {*PEERS, OWN_THREADS} if budget.own_threads_row else set(PEERS),
+        "memory": {"sdgate-memory" if budget.fresh_memory_server else "sdgate"},
     }
     return set().union(*(needed[n] for n in names))

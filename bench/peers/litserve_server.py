@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8002)
     args = parser.parse_args()
     api = DiffusionAPI(args.model, max_batch_size=MAX_BATCH_SIZE, batch_timeout=BATCH_TIMEOUT_S)
-    server = ls.LitServer(api, accelerator="cpu")
+    # timeout: as sdgate's SDGATE_SYNC_TIMEOUT in the suite, long enough that a slow machine still gets answers.
+    server = ls.LitServer(api, accelerator="cpu", timeout=600)
     server.run(host="127.0.0.1", port=args.port, generate_client_file=False, log_level="warning")
 
 

@@ -47,7 +47,7 @@ def test_every_scenario_runs_and_the_report_has_every_goal(tmp_path: Path) -> No
     assert len(rows) == GOALS, goals
     for system in ("| sdgate", "| plain |", "| litserve |", "| bare pipeline, batch 8 |"):
         assert system in report
-    assert "python -m bench --smoke" in report
+    assert "python -m bench --smoke --out" in report
 
 
 def test_a_partial_run_names_the_scenarios_it_knows() -> None:
