@@ -67,7 +67,7 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
         ctx = Context(models_dir, model_dir, log_dir, budget, fleet, torch.get_num_threads())
         ctx.sdgate_env = servers.sdgate_sets_for_itself()
         # 2. the servers, all started at once so that their models load in parallel (and with the in-process one)
-        ctx.launch(servers_for(args.scenarios, budget), wait=False)
+        ctx.launch(servers_for(args.scenarios, budget, ctx.sdgate_env), wait=False)
         ctx.bare  # noqa: B018 - load the in-process pipeline while the servers load theirs
         fleet.wait_ready()
         _say(f"servers ready after {time.perf_counter() - t0:.0f} s")

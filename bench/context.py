@@ -27,14 +27,14 @@ class Budget:
     rounds: int = 2
     overhead_sizes: tuple[int, int] = (512, 64)
     """The large and the small size of the overhead scenario (the goals: ≤ 1.03 and ≤ 1.10)."""
-    overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 6, 64: 25})
+    overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 5, 64: 20})
     peer_large: int = 256
     """The larger size of the peers scenario (the smaller is 64x64)."""
     clients: tuple[int, ...] = (1, 4, 8, 16)
-    warmup_s: dict[int, float] = field(default_factory=lambda: {64: 1.0, 256: 2.5})
-    window_s: dict[int, float] = field(default_factory=lambda: {64: 3.0, 256: 5.0})
+    warmup_s: dict[int, float] = field(default_factory=lambda: {64: 0.7, 256: 2.0})
+    window_s: dict[int, float] = field(default_factory=lambda: {64: 2.5, 256: 4.0})
     payload_sizes: tuple[int, ...] = (512, 768)
-    payload_calls: int = 2
+    payload_calls: int = 1
     memory_marks: tuple[int, ...] = (100, 1000)
     fresh_memory_server: bool = True
     active_row: bool = True

@@ -328,7 +328,7 @@ PEERS = ("sdgate", "plain", "litserve")
 def peers(ctx: Context) -> Outcome:
     """sdgate against the plain pattern, LitServe and the bare batched pipeline, under the same load."""
     b = ctx.budget
-    systems = [*PEERS, ACTIVE] if b.active_row else list(PEERS)
+    systems = [*PEERS, ACTIVE] if _with_active_row(ctx) else list(PEERS)
     ctx.launch(set(systems))
     table = Table(
         "Peers: the same model, machine and load",
@@ -337,10 +337,9 @@ def peers(ctx: Context) -> Outcome:
         "(bench/peers/plain.py). LitServe: max_batch_size=8, batch_timeout=0.05 s (request timeout 600 s, like "
         "sdgate's sync timeout here), answering base64 JPEG in JSON (bench/peers/litserve_server.py). sdgate: "
         f"its defaults with {ctx.torch_threads} torch threads like everyone else, answering the URL of the "
-        "stored JPEG; mean batch: images per pipeline call, from its /metrics. sdgate, OMP_WAIT_POLICY=ACTIVE: "
-        "the same, but its OpenMP threads spin while they wait for work; sdgate makes them wait passively "
-        "unless OMP_WAIT_POLICY is set, while OpenMP's default, which the peers and the in-process pipeline "
-        "get, is to spin for a while before sleeping (for information: the goals use the sdgate row). Bare "
+        "stored JPEG; mean batch: images per pipeline call, from its /metrics. "
+        + (_ACTIVE_NOTE if _with_active_row(ctx) else "")
+        + "Bare "
         "pipeline: called in process back to back, batch 8 for 8 clients and batch 1 for one client; the "
         "ceiling, with no HTTP, encoding or storage at all. 4 steps, guidance 7.5, JPEG quality 90 "
         "everywhere.",
@@ -379,6 +378,19 @@ def peers(ctx: Context) -> Outcome:
             )
     outcome.goals += _peer_goals(measured, large)
     return outcome
+
+
+_ACTIVE_NOTE = (
+    "sdgate, OMP_WAIT_POLICY=ACTIVE: the same, but its OpenMP threads spin while they wait for work; sdgate "
+    "makes them wait passively unless OMP_WAIT_POLICY is set, while OpenMP's default, which the peers and the "
+    "in-process pipeline get, is to spin for a while before sleeping (for information: the goals use the sdgate "
+    "row). "
+)
+
+
+def _with_active_row(ctx: Context) -> bool:
+    """Measure sdgate with spinning OpenMP threads too: only when its own default differs from the peers'."""
+    return ctx.budget.active_row and "OMP_WAIT_POLICY" in ctx.sdgate_env
 
 
 def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: int) -> list[Goal]:
@@ -479,13 +491,13 @@ SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
 """Scenario name → function, in the order they run."""
 
 
-def servers_for(names: list[str], budget: Budget) -> set[str]:
+def servers_for(names: list[str], budget: Budget, sdgate_env: dict[str, str]) -> set[str]:
     """The servers the chosen scenarios need; the suite starts them all at once."""
     needed = {
         "overhead": {"sdgate"},
         "concurrency": {"sdgate", "sdgate-nobatch"},
         "payload": {"sdgate"},
-        "peers": {*PEERS, ACTIVE} if budget.active_row else set(PEERS),
+        "peers": {*PEERS, ACTIVE} if budget.active_row and "OMP_WAIT_POLICY" in sdgate_env else set(PEERS),
         "memory": {"sdgate-memory" if budget.fresh_memory_server else "sdgate"},
     }
     return set().union(*(needed[n] for n in names))
