@@ -70,6 +70,9 @@ def start_server(
     full_env.update({"SDGATE_DATA_DIR": str(data_dir), "SDGATE_HOST": "127.0.0.1", "SDGATE_PORT": str(port)})
     if model is not None:
         full_env["SDGATE_MODEL"] = model
+    # The suite runs several servers and test processes on two cores at once: one thread each keeps
+    # OpenMP's spinning threads from taking the CPU from each other (see README, "How it works").
+    full_env["SDGATE_TORCH_THREADS"] = "1"
     full_env.update(env or {})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(

@@ -86,7 +86,8 @@ class Settings(BaseSettings):
         None,
         ge=1,
         le=1024,
-        description="CPU threads for the model (torch intra-op). Default: torch's own (one per core).",
+        description="CPU threads for the model (torch intra-op). Default: the model's own (demo: 1), "
+        "else torch's (one per core).",
     )
     channels_last: bool = Field(
         False, description="Channels-last memory format for the UNet and VAE (measured in docs/benchmarks.md)."

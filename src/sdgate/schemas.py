@@ -89,6 +89,8 @@ class ModelDefaults:
     num_inference_steps: int = 30
     guidance_scale: float = 7.5
     scheduler: str | None = None
+    # CPU threads that suit the model (None: torch's own count). SDGATE_TORCH_THREADS wins.
+    torch_threads: int | None = None
 
 
 @dataclass(frozen=True)

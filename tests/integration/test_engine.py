@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -215,37 +213,25 @@ def test_a_model_that_fails_to_load_refuses_requests_with_the_reason(tmp_path: P
         engine.close()
 
 
-@pytest.mark.parametrize("setting", [3, None])
-def test_the_model_runs_with_the_configured_number_of_cpu_threads(tmp_path: Path, setting: int | None) -> None:
-    """The thread count is set on the engine's own thread, where the pipeline runs (OpenMP counts per thread);
-    without a setting torch's own count stands."""
+@pytest.mark.parametrize(("setting", "model_default", "expected"), [(3, 1, 3), (None, 1, 1), (None, None, "torch")])
+def test_the_model_runs_with_the_configured_number_of_cpu_threads(
+    tiny_model: LoadedModel, tmp_path: Path, setting: int | None, model_default: int | None, expected: int | str
+) -> None:
+    """SDGATE_TORCH_THREADS, else the model's default, else torch's count — on the engine's own thread,
+    where the pipeline runs (OpenMP counts threads per calling thread)."""
     import torch
 
     original = torch.get_num_threads()
-    expected = setting or original
-    seen: list[int] = []
-
-    def loader() -> Any:
-        seen.append(torch.get_num_threads())
-        raise RuntimeError("no model needed")
-
+    model = dataclasses.replace(
+        tiny_model, defaults=dataclasses.replace(tiny_model.defaults, torch_threads=model_default)
+    )
     settings = Settings(data_dir=tmp_path, model="tiny", device="cpu", warmup=False, torch_threads=setting)
-    engine = Engine(settings, loader)
-    engine.start()
+    engine = started_engine(settings, loader_for(model, tiny_model.pipeline))
+    seen: list[int] = []
     try:
-        engine.wait_ready(TIMEOUT)
+        engine.submit(params(settings, steps=1), progress=lambda step, total: seen.append(torch.get_num_threads()))
+        engine.submit(params(settings, steps=1)).result(TIMEOUT)
     finally:
         engine.close()
         torch.set_num_threads(original)  # the count is process-wide: leave it as the other tests found it
-    assert seen == [expected]
-
-
-def test_openmp_threads_wait_passively_unless_the_user_chose() -> None:
-    """Importing the engine sets OMP_WAIT_POLICY=PASSIVE for torch's OpenMP runtime, as a default only."""
-    code = "import os, sdgate.engine; print(os.environ.get('OMP_WAIT_POLICY'))"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "PASSIVE"
-    env["OMP_WAIT_POLICY"] = "ACTIVE"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "ACTIVE"
+    assert seen and set(seen) == {original if expected == "torch" else expected}

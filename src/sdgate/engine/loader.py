@@ -87,7 +87,11 @@ def model_defaults(name: str, pipe: Any) -> ModelDefaults:
     side = int(sample if isinstance(sample, int) else sample[0]) * scale
     if name == "demo":
         # Trained at 64x64; 20 Euler steps converge and guidance 5 keeps colours clean (see its model card).
-        return ModelDefaults(width=side, height=side, num_inference_steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE)
+        # One thread: its operations are too small to share; on two busy cores two threads took 20 s an image
+        # (spinning OpenMP threads take the CPU from the work), one thread 0.7 s.
+        return ModelDefaults(
+            width=side, height=side, num_inference_steps=DEMO_STEPS, guidance_scale=DEMO_GUIDANCE, torch_threads=1
+        )
     if name in BUILTIN_MODELS:
         return ModelDefaults(width=side, height=side, num_inference_steps=4, guidance_scale=7.5)
     if "turbo" in name.lower():

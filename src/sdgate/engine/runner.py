@@ -149,15 +149,7 @@ class Engine:
         )
 
     def _main(self) -> None:
-        # 1. threads (when set), then load. Set here, on the thread that runs the pipeline: OpenMP's
-        # thread count is per calling thread.
-        if self.settings.torch_threads:
-            try:
-                import torch
-
-                torch.set_num_threads(self.settings.torch_threads)
-            except ImportError:
-                pass  # reported by the load below
+        # 1. load
         try:
             loaded = self._loader()
             self._pipe = loaded.pipeline
@@ -166,6 +158,13 @@ class Engine:
             from sdgate.engine.schedulers import SchedulerCache
 
             self._schedulers = SchedulerCache(self._pipe)
+            # CPU threads: the setting, else the model's own default, else torch's. Set here, on the
+            # thread that runs the pipeline: OpenMP's thread count is per calling thread.
+            threads = self.settings.torch_threads or self.defaults.torch_threads
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
         except Exception as e:
             log.error("model load failed: %s", e, exc_info=not isinstance(e, ImportError))
             self.load_error = str(e)
