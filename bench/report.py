@@ -197,9 +197,8 @@ def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
         "- sdgate: `sdgate serve` with its defaults, plus `SDGATE_MODEL=tiny`, `SDGATE_DEVICE=cpu`, a fresh "
         "`SDGATE_DATA_DIR`, `SDGATE_QUEUE_SIZE=10000` and `SDGATE_SYNC_TIMEOUT=600` (so that no load meets a 429 "
         "or a 202; on loopback there are no API keys and so no rate limit), and `SDGATE_TORCH_THREADS` set to "
-        f"torch's default ({run.machine.torch_threads}), the thread count of every other system here; sdgate's "
-        "own default, all cores but one, appears in the peers table for information. Every request is a "
-        "durable job: SQLite record, JPEG encoded, image and sidecar stored on disk, URL returned.",
+        f"torch's default ({run.machine.torch_threads}), the thread count of every other system here. Every "
+        "request is a durable job: SQLite record, JPEG encoded, image and sidecar stored on disk, URL returned.",
         "- Load: closed-loop clients (`httpx.AsyncClient` in the benchmark process): each sends its next "
         "request when the previous one is answered. Throughput is `clients / mean latency` (Little's law) over "
         "the requests started in the measurement window, after a warm-up; p50/p95 are over the same requests.",

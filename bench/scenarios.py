@@ -101,6 +101,13 @@ def overhead(ctx: Context) -> Outcome:
                 f"{stage['encode']:.1f} ms, and {rest:.1f} ms for HTTP on loopback, validation, the SQLite job "
                 "record and the answer, with the load generator on the same two cores."
             )
+            slower_ms = stage["inference"] - direct.p50 * 1000
+            if slower_ms > 0.5 * (http.p50 - direct.p50) * 1000:
+                why += (
+                    f" Most of the difference is the pipeline call itself, {slower_ms:.1f} ms longer inside sdgate: "
+                    "there it runs on the engine thread, next to the event loop and in a process whose client "
+                    "shares the same two cores, while in process nothing else runs."
+                )
             policy = ctx.sdgate_env.get("OMP_WAIT_POLICY")
             if policy and stage["inference"] > 1.05 * direct.p50 * 1000:
                 why += (
@@ -186,8 +193,13 @@ def _default(setting: str) -> Any:
     return Settings.model_fields[setting].default
 
 
-def _batching_note(mean_batch: float, clients: int) -> str:
-    """What the batch sizes sdgate reported say about a throughput goal it missed."""
+def _batching_note(
+    mean_batch: float, clients: int, cycle_ms: float | None = None, batch_ms: float | None = None
+) -> str:
+    """What the batch sizes sdgate reported say about a throughput goal it missed.
+
+    ``cycle_ms``: sdgate's mean latency under that load; ``batch_ms``: the bare pipeline's mean call.
+    """
     if mean_batch < clients - 0.5:
         return (
             f"With {clients} clients sdgate's batches averaged {mean_batch:.1f} images (from its /metrics), not "
@@ -195,10 +207,13 @@ def _batching_note(mean_batch: float, clients: int) -> str:
             "their next requests (their answers still being encoded, stored and sent), so the clients split "
             "into groups that take turns with smaller batches."
         )
+    gap = ""
+    if cycle_ms is not None and batch_ms is not None:
+        gap = f" (a round took {cycle_ms:.0f} ms on average against {batch_ms:.0f} ms for the bare batch call)"
     return (
         f"sdgate's batches were full ({mean_batch:.1f} images on average); what it loses is the time between "
-        "batches, while the clients of the last one get their answers (encoded, stored with fsync, sent) and "
-        "send their next requests, which the pipeline called in process does not spend."
+        f"batches{gap}, while the clients of the last one get their answers (encoded, stored with fsync, sent) "
+        "and send their next requests, which the pipeline called in process does not spend."
     )
 
 
@@ -399,7 +414,7 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
     def throughput(what: str, at: dict[str, LoadResult], peer: str, target: float) -> Goal:
         sd = at["sdgate"]
         value = sd.images_per_s / at[peer].images_per_s
-        why = _batching_note(sd.mean_batch, sd.clients)
+        why = _batching_note(sd.mean_batch, sd.clients, sd.latencies.mean * 1000, at["bare"].latencies.mean * 1000)
         if peer == "litserve":
             why += f" LitServe's batches fill for up to 50 ms; its p50 latency was {ms(at[peer].latencies.p50)} ms."
         active = at[ACTIVE].images_per_s / at[peer].images_per_s if ACTIVE in at else None
