@@ -200,21 +200,20 @@ def _batching_note(
 
     ``cycle_ms``: sdgate's mean latency under that load; ``batch_ms``: the bare pipeline's mean call.
     """
-    if mean_batch < clients - 0.5:
-        return (
-            f"With {clients} clients sdgate's batches averaged {mean_batch:.1f} images (from its /metrics), not "
-            f"{clients}: the engine started each batch before the clients of the previous one were back with "
-            "their next requests (their answers still being encoded, stored and sent), so the clients split "
-            "into groups that take turns with smaller batches."
-        )
     gap = ""
     if cycle_ms is not None and batch_ms is not None:
         gap = f" (a round took {cycle_ms:.0f} ms on average against {batch_ms:.0f} ms for the bare batch call)"
-    return (
-        f"sdgate's batches were full ({mean_batch:.1f} images on average); what it loses is the time between "
-        f"batches{gap}, while the clients of the last one get their answers (encoded, stored with fsync, sent) "
-        "and send their next requests, which the pipeline called in process does not spend."
+    between = (
+        f"the time between batches{gap}, while the clients of the last one get their answers (encoded, stored "
+        "with fsync, sent) and send their next requests, which the pipeline called in process does not spend"
     )
+    if mean_batch < clients - 0.05:
+        return (
+            f"With {clients} clients sdgate's batches averaged {mean_batch:.1f} images (from its /metrics), not "
+            f"{clients}: some batches started before every client of the previous one was back with its next "
+            f"request. It also loses {between}."
+        )
+    return f"sdgate's batches were full ({mean_batch:.1f} images on average); what it loses is {between}."
 
 
 # -- 3. payload ----------------------------------------------------------------------------------
