@@ -39,8 +39,12 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
 
 
-def ratio(x: float) -> str:
-    return f"{x:.2f}"
+def ratio(x: float, target: float | None = None) -> str:
+    """Two decimals; three when two would round onto the goal's target and hide which side it is on."""
+    shown = f"{x:.2f}"
+    if target is not None and float(shown) == target and x != target:
+        shown = f"{x:.3f}"
+    return shown
 
 
 def mean(values: list[int] | list[float]) -> float:

@@ -119,7 +119,7 @@ def overhead(ctx: Context) -> Outcome:
                 Goal(
                     f"Overhead at {shape.label} (p50, sdgate / in process)",
                     f"≤ {target:.2f}",
-                    ratio(r50),
+                    ratio(r50, target),
                     r50 <= target,
                     why,
                 )
@@ -181,7 +181,7 @@ def concurrency(ctx: Context) -> Outcome:
         if clients == 8:
             why = _batching_note(r_on.mean_batch, clients)
             outcome.goals.append(
-                Goal("Batching on / off, 8 clients at 64x64 (images/s)", "≥ 2.00", ratio(gain), gain >= 2.0, why)
+                Goal("Batching on / off, 8 clients at 64x64 (images/s)", "≥ 2.00", ratio(gain, 2.0), gain >= 2.0, why)
             )
     return outcome
 
@@ -420,7 +420,7 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
         why += _active_note(active, percent=peer == "bare")
         if peer == "bare":
             return Goal(what, f"≥ {target:.0%}", f"{value:.0%}", value >= target, why)
-        return Goal(what, f"≥ {target:.2f}", ratio(value), value >= target, why)
+        return Goal(what, f"≥ {target:.2f}", ratio(value, target), value >= target, why)
 
     goals = [
         throughput("sdgate / plain pattern, 8 clients at 64x64 (images/s)", at64, "plain", 2.0),
@@ -438,7 +438,11 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
         why += _active_note(active, percent=False)
         goals.append(
             Goal(
-                f"p50 latency at 1 client, 64x64: sdgate / {peer}", "≤ 1.00", ratio(mine / theirs), mine <= theirs, why
+                f"p50 latency at 1 client, 64x64: sdgate / {peer}",
+                "≤ 1.00",
+                ratio(mine / theirs, 1.0),
+                mine <= theirs,
+                why,
             )
         )
     return goals
