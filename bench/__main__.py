@@ -84,6 +84,10 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
     goals = [g for o in outcomes.values() for g in o.goals]
     _say("\n" + report.text_table(report.goals_table(goals)))
     _say(f"\ntotal {seconds:.0f} s; processes outside the run used {others:.0%} of the machine's CPU meanwhile")
+    if others > 0.10:
+        _say(
+            "WARNING: the machine was busy with other work; these numbers are not reliable, run again when it is quiet"
+        )
     if args.out is not None:
         info = report.RunInfo(
             command=report.command_line(),

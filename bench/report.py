@@ -188,6 +188,15 @@ def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
         f"{run.others_cpu:.0%} of the machine's CPU meanwhile.",
         "",
         *run.machine.lines(),
+        *(
+            [
+                "",
+                f"**Warning: other processes took {run.others_cpu:.0%} of the CPU during this run; its numbers, "
+                "ratios included, are not reliable. Run it again on a quiet machine.**",
+            ]
+            if run.others_cpu > 0.10
+            else []
+        ),
         "",
         "## How it measures",
         "",
