@@ -190,7 +190,7 @@ class Engine:
                         seeds=list(range(n)),
                         width=width,
                         height=height,
-                        steps=1 if n == 1 else 2,
+                        steps=1,  # one step compiles and initialises the same as many
                         guidance=self.defaults.guidance_scale,
                         scheduler=None,
                         on_step=None,
