@@ -4,6 +4,8 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # A CPU build of torch, installed before the package so that nothing pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# What `make lint` (and so `make test`) checks: formatting, ruff's rules and mypy (strict, pyproject.toml).
+CHECKED := src tests bench deploy
 
 .PHONY: serve test lint bench clean
 
@@ -23,15 +25,13 @@ $(VENV)/.installed-test: $(VENV)/.installed
 serve: $(VENV)/.installed
 	$(BIN)/sdgate serve
 
-test: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests
-	$(BIN)/mypy
+test: lint
 	$(BIN)/python -m pytest -q
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
-	$(BIN)/mypy
+	$(BIN)/ruff format --check $(CHECKED)
+	$(BIN)/ruff check $(CHECKED)
+	$(BIN)/mypy $(CHECKED)
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e ".[engine,aws,test,bench]"
