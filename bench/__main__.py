@@ -51,9 +51,7 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
     started, t0 = report.utc_now(), time.perf_counter()
     load_before, cpu_before = report.load_average(), report.CpuSnapshot.now()
     outcomes: dict[str, Outcome] = {}
-    # torch first, before anything imports sdgate's engine (which sets OMP_WAIT_POLICY for sdgate's own
-    # process): the in-process pipeline runs with OpenMP's defaults, as the peers do. Imported here, not at
-    # the top, so that --help is quick.
+    # Imported here, not at the top, so that --help is quick.
     import torch
 
     with tempfile.TemporaryDirectory(prefix="sdgate-bench-") as tmp, servers.Fleet() as fleet:
@@ -65,9 +63,8 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
         log_dir.mkdir()
         # torch's default thread count is every system's
         ctx = Context(models_dir, model_dir, log_dir, budget, fleet, torch.get_num_threads())
-        ctx.sdgate_env = servers.sdgate_sets_for_itself()
         # 2. the servers, all started at once so that their models load in parallel (and with the in-process one)
-        ctx.launch(servers_for(args.scenarios, budget, ctx.sdgate_env), wait=False)
+        ctx.launch(servers_for(args.scenarios, budget), wait=False)
         ctx.bare  # noqa: B018 - load the in-process pipeline while the servers load theirs
         fleet.wait_ready()
         _say(f"servers ready after {time.perf_counter() - t0:.0f} s")
@@ -91,7 +88,7 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
     if args.out is not None:
         info = report.RunInfo(
             command=report.command_line(),
-            machine=report.Machine.describe(ctx.torch_threads, ctx.sdgate_env),
+            machine=report.Machine.describe(ctx.torch_threads),
             started=started,
             seconds=seconds,
             load_before=load_before,

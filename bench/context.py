@@ -37,8 +37,6 @@ class Budget:
     payload_calls: int = 1
     memory_marks: tuple[int, ...] = (100, 1000)
     fresh_memory_server: bool = True
-    active_row: bool = True
-    """Also measure sdgate with OMP_WAIT_POLICY=ACTIVE in the peers scenario."""
 
 
 FULL = Budget()
@@ -54,12 +52,7 @@ SMOKE = Budget(
     payload_calls=1,
     memory_marks=(4, 12),
     fresh_memory_server=False,
-    active_row=False,
 )
-
-
-ACTIVE = "sdgate-active"
-"""The sdgate server whose OpenMP threads spin while they wait (OMP_WAIT_POLICY=ACTIVE), as torch's do by default."""
 
 
 @dataclass
@@ -74,8 +67,6 @@ class Context:
     torch_threads: int
     """torch's default thread count here; every system gets it (sdgate through SDGATE_TORCH_THREADS)."""
     verbose: bool = True
-    sdgate_env: dict[str, str] = field(default_factory=dict)
-    """What sdgate's engine sets in its own environment (OMP_WAIT_POLICY), for the report."""
     _by_name: dict[str, servers.Server] = field(default_factory=dict)
     _bare: BarePipeline | None = None
 
@@ -96,8 +87,6 @@ class Context:
             else:
                 batch = 1 if name == "sdgate-nobatch" else 8
                 extra = {"SDGATE_TORCH_THREADS": str(self.torch_threads)}  # the peers' and the baseline's
-                if name == ACTIVE:
-                    extra["OMP_WAIT_POLICY"] = "ACTIVE"
                 server = servers.sdgate(self.models_dir, self.log_dir, max_batch_size=batch, name=name, extra=extra)
             self._by_name[name] = self.fleet.add(server)
         if wait:

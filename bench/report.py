@@ -27,10 +27,9 @@ class Machine:
     system: str
     torch_threads: int
     packages: dict[str, str] = field(default_factory=dict)
-    sdgate_env: dict[str, str] = field(default_factory=dict)
 
     @classmethod
-    def describe(cls, torch_threads: int, sdgate_env: dict[str, str]) -> Machine:
+    def describe(cls, torch_threads: int) -> Machine:
         return cls(
             cpu=_cpu_model(),
             cores=len(os.sched_getaffinity(0)),
@@ -39,7 +38,6 @@ class Machine:
             system=f"{platform.system()} {platform.release()} ({platform.machine()})",
             torch_threads=torch_threads,
             packages={name: _version(name) for name in _PACKAGES},
-            sdgate_env=sdgate_env,
         )
 
     def lines(self) -> list[str]:
@@ -50,13 +48,7 @@ class Machine:
             f"- {versions}",
             f"- torch threads: {self.torch_threads} (torch's default) in every server and in the in-process pipeline "
             "(sdgate: `SDGATE_TORCH_THREADS`)",
-            "- OpenMP: "
-            + (
-                ", ".join(f"sdgate sets `{k}={v}` for its own process" for k, v in self.sdgate_env.items())
-                + "; the peers and the in-process pipeline run with OpenMP's defaults"
-                if self.sdgate_env
-                else "every system with the same settings"
-            ),
+            "- OpenMP: every system with the same settings",
         ]
 
 

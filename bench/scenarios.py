@@ -21,7 +21,6 @@ import httpx
 
 from bench import servers
 from bench.context import (
-    ACTIVE,
     Arm,
     Budget,
     Context,
@@ -107,13 +106,6 @@ def overhead(ctx: Context) -> Outcome:
                     f" Most of the difference is the pipeline call itself, {slower_ms:.1f} ms longer inside sdgate: "
                     "there it runs on the engine thread, next to the event loop and in a process whose client "
                     "shares the same two cores, while in process nothing else runs."
-                )
-            policy = ctx.sdgate_env.get("OMP_WAIT_POLICY")
-            if policy and stage["inference"] > 1.05 * direct.p50 * 1000:
-                why += (
-                    f" The pipeline call itself is slower inside sdgate: its engine sets OMP_WAIT_POLICY={policy}, "
-                    "so OpenMP threads sleep between the model's many small parallel regions instead of spinning "
-                    "as they do in process (see the OMP_WAIT_POLICY=ACTIVE row of the peers table)."
                 )
             outcome.goals.append(
                 Goal(
@@ -342,8 +334,7 @@ PEERS = ("sdgate", "plain", "litserve")
 def peers(ctx: Context) -> Outcome:
     """sdgate against the plain pattern, LitServe and the bare batched pipeline, under the same load."""
     b = ctx.budget
-    systems = [*PEERS, ACTIVE] if _with_active_row(ctx) else list(PEERS)
-    ctx.launch(set(systems))
+    ctx.launch(set(PEERS))
     table = Table(
         "Peers: the same model, machine and load",
         ["size", "clients", "system", "images/s", "p50 ms", "p95 ms", "vs bare pipeline"],
@@ -351,9 +342,7 @@ def peers(ctx: Context) -> Outcome:
         "(bench/peers/plain.py). LitServe: max_batch_size=8, batch_timeout=0.05 s (request timeout 600 s, like "
         "sdgate's sync timeout here), answering base64 JPEG in JSON (bench/peers/litserve_server.py). sdgate: "
         f"its defaults with {ctx.torch_threads} torch threads like everyone else, answering the URL of the "
-        "stored JPEG; mean batch: images per pipeline call, from its /metrics. "
-        + (_ACTIVE_NOTE if _with_active_row(ctx) else "")
-        + "Bare "
+        "stored JPEG; mean batch: images per pipeline call, from its /metrics. Bare "
         "pipeline: called in process back to back, batch 8 for 8 clients and batch 1 for one client; the "
         "ceiling, with no HTTP, encoding or storage at all. 4 steps, guidance 7.5, JPEG quality 90 "
         "everywhere.",
@@ -367,17 +356,15 @@ def peers(ctx: Context) -> Outcome:
         ctx.focus(None)
         ctx.bare.latencies(shape, 1, clients)  # the first call at this size and batch
         arms: dict[str, Arm] = {
-            name: (name, load_arm(ctx.server(name), shape, clients, warmup_s, window_s)) for name in systems
+            name: (name, load_arm(ctx.server(name), shape, clients, warmup_s, window_s)) for name in PEERS
         }
         arms["bare"] = (None, bare_batch_arm(ctx.bare, shape, clients, window_s))
         results = interleave(ctx, f"peers {shape.label} {clients} clients", arms)
         measured[(size, clients)] = results
         ceiling = results["bare"].images_per_s
         for name, r in results.items():
-            label = {"bare": f"bare pipeline, batch {clients}", ACTIVE: "sdgate, OMP_WAIT_POLICY=ACTIVE"}.get(
-                name, name
-            )
-            if name in ("sdgate", ACTIVE) and clients > 1:
+            label = f"bare pipeline, batch {clients}" if name == "bare" else name
+            if name == "sdgate" and clients > 1:
                 label += f" (mean batch {r.mean_batch:.1f})"
             table.rows.append(
                 [
@@ -394,19 +381,6 @@ def peers(ctx: Context) -> Outcome:
     return outcome
 
 
-_ACTIVE_NOTE = (
-    "sdgate, OMP_WAIT_POLICY=ACTIVE: the same, but its OpenMP threads spin while they wait for work; sdgate "
-    "makes them wait passively unless OMP_WAIT_POLICY is set, while OpenMP's default, which the peers and the "
-    "in-process pipeline get, is to spin for a while before sleeping (for information: the goals use the sdgate "
-    "row). "
-)
-
-
-def _with_active_row(ctx: Context) -> bool:
-    """Measure sdgate with spinning OpenMP threads too: only when its own default differs from the peers'."""
-    return ctx.budget.active_row and "OMP_WAIT_POLICY" in ctx.sdgate_env
-
-
 def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: int) -> list[Goal]:
     at64, at_large, one = measured[(64, 8)], measured[(large, 8)], measured[(64, 1)]
 
@@ -416,8 +390,6 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
         why = _batching_note(sd.mean_batch, sd.clients, sd.latencies.mean * 1000, at["bare"].latencies.mean * 1000)
         if peer == "litserve":
             why += f" LitServe's batches fill for up to 50 ms; its p50 latency was {ms(at[peer].latencies.p50)} ms."
-        active = at[ACTIVE].images_per_s / at[peer].images_per_s if ACTIVE in at else None
-        why += _active_note(active, percent=peer == "bare")
         if peer == "bare":
             return Goal(what, f"≥ {target:.0%}", f"{value:.0%}", value >= target, why)
         return Goal(what, f"≥ {target:.2f}", ratio(value, target), value >= target, why)
@@ -434,8 +406,6 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
             f"sdgate {ms(mine)} ms against {ms(theirs)} ms, the bare pipeline {ms(one['bare'].latencies.p50)} ms; "
             "sdgate also records the job and writes the image and its sidecar to disk before it answers."
         )
-        active = one[ACTIVE].latencies.p50 / theirs if ACTIVE in one else None
-        why += _active_note(active, percent=False)
         goals.append(
             Goal(
                 f"p50 latency at 1 client, 64x64: sdgate / {peer}",
@@ -446,18 +416,6 @@ def _peer_goals(measured: dict[tuple[int, int], dict[str, LoadResult]], large: i
             )
         )
     return goals
-
-
-def _active_note(value: float | None, *, percent: bool) -> str:
-    """What the same goal measured with sdgate's OpenMP threads spinning, when that row was run."""
-    if value is None:
-        return ""
-    shown = f"{value:.0%}" if percent else ratio(value)
-    return (
-        f" With OMP_WAIT_POLICY=ACTIVE (OpenMP threads spinning while they wait, close to what the peers get by "
-        f"default) sdgate measured {shown} here: sdgate's own default, passive waiting, costs this much on an "
-        "otherwise idle machine."
-    )
 
 
 # -- 5. memory -----------------------------------------------------------------------------------
@@ -509,13 +467,13 @@ SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
 """Scenario name → function, in the order they run."""
 
 
-def servers_for(names: list[str], budget: Budget, sdgate_env: dict[str, str]) -> set[str]:
+def servers_for(names: list[str], budget: Budget) -> set[str]:
     """The servers the chosen scenarios need; the suite starts them all at once."""
     needed = {
         "overhead": {"sdgate"},
         "concurrency": {"sdgate", "sdgate-nobatch"},
         "payload": {"sdgate"},
-        "peers": {*PEERS, ACTIVE} if budget.active_row and "OMP_WAIT_POLICY" in sdgate_env else set(PEERS),
+        "peers": set(PEERS),
         "memory": {"sdgate-memory" if budget.fresh_memory_server else "sdgate"},
     }
     return set().union(*(needed[n] for n in names))

@@ -192,8 +192,8 @@ def _spawn(
     return Server(name, f"http://127.0.0.1:{port}", proc, log_path, generate_path, ready_path, tmp)
 
 
-# The environment as it was before anything imported sdgate: importing sdgate.engine sets
-# OMP_WAIT_POLICY for sdgate's own process, and that must not leak into the peers.
+# The environment the run started with, which every server gets: not what this process sets for itself
+# later (importing sdgate's model loader sets logging variables such as TRANSFORMERS_VERBOSITY).
 _ENV_AT_START = dict(os.environ)
 
 
@@ -201,13 +201,6 @@ def _base_env() -> dict[str, str]:
     # None of the caller's SDGATE_* settings leak in: every server runs on the documented defaults
     # plus what the scenario sets.
     return {k: v for k, v in _ENV_AT_START.items() if not k.startswith("SDGATE_")}
-
-
-def sdgate_sets_for_itself() -> dict[str, str]:
-    """Environment variables that sdgate's engine sets for its own process when they are unset."""
-    import sdgate.engine  # noqa: F401 - importing it is what sets them
-
-    return {k: os.environ[k] for k in ("OMP_WAIT_POLICY",) if k in os.environ and k not in _ENV_AT_START}
 
 
 def sdgate(
