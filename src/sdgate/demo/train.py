@@ -6,8 +6,8 @@ Steps (``sdgate train-demo``):
 2. VAE — a small ``AutoencoderKL`` with the standard 8x downscale, trained to reconstruct scenes
    (mean squared error plus a small KL term), then frozen;
 3. text encoder + UNet — a small ``CLIPTextModel`` and ``UNet2DConditionModel`` trained together
-   to predict the noise of noised scene latents (DDPM, epsilon prediction, min-SNR weighting),
-   with 10% of captions dropped so classifier-free guidance works;
+   to predict the velocity of noised scene latents (DDPM, v-prediction as in SD 2.x, min-SNR
+   weighting), with 10% of captions dropped so classifier-free guidance works;
 4. save — a ``StableDiffusionPipeline`` with ``save_pretrained`` (safetensors), loadable with
    ``from_pretrained`` like any other model, plus a grid of samples to look at.
 
@@ -36,9 +36,10 @@ from sdgate.demo.scenes import COLOURS, Scene, caption_words, random_scene
 NATIVE_SIZE = 64
 MAX_TOKENS = 32  # the longest caption (three shapes) is 29 tokens; longer prompts are truncated
 CAPTION_DROPOUT = 0.1  # share of captions replaced by "" so the model also learns the unconditional case
-# v-prediction (as SD 2.x): at high noise the target is mostly the clean image, so the model must get
-# the colours from the prompt there. With epsilon prediction the noise is an easy answer at high noise,
-# colours were settled later from the starting noise, and a first run drew backgrounds by seed, not prompt.
+# The UNet predicts the velocity v (as SD 2.x), not the noise: at high noise v is mostly the clean image,
+# so the model must get the colours from the prompt there. Predicting the noise (epsilon) makes the noise
+# an easy answer at high noise and leaves the colours to be settled later from the starting noise: a first
+# run trained that way drew backgrounds by seed, not by prompt.
 PREDICTION_TYPE = "v_prediction"
 ATTRIBUTE_OMIT = 0.25  # chance that a caption leaves out a size, a position or the background
 
