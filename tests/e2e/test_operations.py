@@ -73,6 +73,35 @@ def metric(samples: list[tuple[str, dict[str, str], float]], name: str, **labels
     return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == w for k, w in labels.items()))
 
 
+Samples = list[tuple[str, dict[str, str], float]]
+Counted = tuple[str, dict[str, str], float]  # metric name, labels it must have, expected increment
+STAGES = ("queue", "inference", "encode", "store")
+
+
+def deltas(before: Samples, after: Samples, counted: list[Counted]) -> list[tuple[str, dict[str, str], float]]:
+    """How much each counted metric grew from ``before`` to ``after``."""
+    return [
+        (name, labels, metric(after, name, **labels) - metric(before, name, **labels)) for name, labels, _ in counted
+    ]
+
+
+def expected(counted: list[Counted]) -> list[tuple[str, dict[str, str], float]]:
+    return [(name, labels, float(n)) for name, labels, n in counted]
+
+
+def settled(srv: ServerProcess, before: Samples, counted: list[Counted], timeout: float = 5) -> Samples:
+    """Metrics once every counted one has grown by at least what it should (the HTTP counter of a request
+    is updated just after its response is sent), or after ``timeout``: then the caller's exact comparison
+    fails and says which one is short."""
+    deadline = time.monotonic() + timeout
+    while True:
+        after = metric_samples(srv)
+        grown = deltas(before, after, counted)
+        if all(d >= n for (_, _, d), (_, _, n) in zip(grown, counted, strict=True)) or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def wait_done(c: httpx.Client, job_id: str) -> dict[str, Any]:
     deadline = time.monotonic() + DEADLINE_S
     while True:
@@ -150,9 +179,10 @@ def test_unwritable_storage_fails_jobs_clearly_and_recovers(srv: ServerProcess) 
     images = srv.data_dir / "images"
     aside = srv.data_dir / "images.aside"
     with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
-        before = c.post("/v1/generations", json={"prompt": "before the fault", **SMALL})
-        assert before.status_code == 200, before.text
-        old_url = before.json()["images"][0]["url"]
+        first = c.post("/v1/generations", json={"prompt": "before the fault", **SMALL})
+        assert first.status_code == 200, first.text
+        old_url = first.json()["images"][0]["url"]
+        before_fault = metric_samples(srv)
 
         # A file where the directory was: mkdir of the date directories fails with ENOTDIR, also
         # for root (chmod would not stop root).
@@ -174,6 +204,17 @@ def test_unwritable_storage_fails_jobs_clearly_and_recovers(srv: ServerProcess) 
             assert "could not store image" in done["error"]["message"]
 
             assert c.get("/healthz").status_code == 200  # the server stays up
+            # Counted: two failed jobs (sync and async), both storage errors, one 503, no image stored.
+            counted: list[Counted] = [
+                ("sdgate_jobs_total", {"status": "failed"}, 2),
+                ("sdgate_jobs_total", {"status": "succeeded"}, 0),
+                ("sdgate_errors_total", {"type": "storage_error"}, 2),
+                ("sdgate_images_generated_total", {}, 0),
+                ("sdgate_http_requests_total", {"route": "/v1/generations", "method": "POST", "status": "503"}, 1),
+                ("sdgate_http_requests_total", {"route": "/v1/generations", "method": "POST", "status": "202"}, 1),
+            ]
+            during = settled(srv, before_fault, counted)
+            assert deltas(before_fault, during, counted) == expected(counted)
         finally:
             images.unlink()
             aside.rename(images)
@@ -189,32 +230,36 @@ def test_unwritable_storage_fails_jobs_clearly_and_recovers(srv: ServerProcess) 
 
 
 def test_metrics_count_requests_by_route_and_status_stages_and_jobs(srv: ServerProcess) -> None:
+    """The exact increments of one succeeded generation, one 422 and one 404 (the server is the module's:
+    counts before and after, never totals that earlier tests could have made)."""
+    route = "/v1/generations"
+    counted: list[Counted] = [
+        ("sdgate_http_requests_total", {"route": route, "method": "POST", "status": "200"}, 1),
+        ("sdgate_http_requests_total", {"route": route, "method": "POST", "status": "422"}, 1),
+        # the route template, not the raw path: ids do not explode the label set
+        ("sdgate_http_requests_total", {"route": "/v1/jobs/{job_id}", "method": "GET", "status": "404"}, 1),
+        *[("sdgate_stage_duration_seconds_count", {"stage": stage}, 1) for stage in STAGES],
+        *[("sdgate_stage_duration_seconds_bucket", {"stage": stage, "le": "+Inf"}, 1) for stage in STAGES],
+        ("sdgate_jobs_total", {"status": "succeeded"}, 1),
+        ("sdgate_jobs_total", {"status": "failed"}, 0),
+        ("sdgate_images_generated_total", {}, 1),
+        # the engine side: one request, alone, in one pipeline call
+        ("sdgate_requests_total", {}, 1),
+        ("sdgate_pipeline_calls_total", {}, 1),
+        ("sdgate_batches_total", {"size": "1"}, 1),
+        ("sdgate_batches_total", {}, 1),
+    ]
+    before = metric_samples(srv)
     with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as c:
         ok = c.post("/v1/generations", json={"prompt": "counted", **SMALL})
         assert ok.status_code == 200
         assert c.post("/v1/generations", json={"prompt": "x", "width": 100}).status_code == 422
         assert c.get("/v1/jobs/nope").status_code == 404
-    s = metric_samples(srv)
-    route = "/v1/generations"
-    assert metric(s, "sdgate_http_requests_total", route=route, method="POST", status="200") >= 1
-    assert metric(s, "sdgate_http_requests_total", route=route, method="POST", status="422") >= 1
-    # the route template, not the raw path: ids do not explode the label set
-    assert metric(s, "sdgate_http_requests_total", route="/v1/jobs/{job_id}", method="GET", status="404") >= 1
-    assert not [lab for n, lab, _ in s if n == "sdgate_http_requests_total" and "nope" in lab["route"]]
-    for stage in ("queue", "inference", "encode", "store"):
-        assert metric(s, "sdgate_stage_duration_seconds_count", stage=stage) >= 1, stage
-        assert metric(s, "sdgate_stage_duration_seconds_bucket", stage=stage, le="+Inf") >= 1, stage
-    succeeded = metric(s, "sdgate_jobs_total", status="succeeded")
-    assert succeeded >= 1
-    assert metric(s, "sdgate_images_generated_total") >= succeeded
-    assert metric(s, "sdgate_requests_total") >= succeeded  # engine side
-    assert 1 <= metric(s, "sdgate_pipeline_calls_total") <= metric(s, "sdgate_requests_total")
-    assert metric(s, "sdgate_batches_total") == metric(s, "sdgate_pipeline_calls_total")
-    assert metric(s, "sdgate_ready") == 1
-    # what the earlier tests of this module left (when run with them): 429s under load, storage errors
-    if metric(s, "sdgate_jobs_total", status="failed"):
-        assert metric(s, "sdgate_errors_total", type="storage_error") >= 1
-        assert metric(s, "sdgate_http_requests_total", route=route, method="POST", status="503") >= 1
+    after = settled(srv, before, counted)
+    assert deltas(before, after, counted) == expected(counted)
+    assert not [lab for n, lab, _ in after if n == "sdgate_http_requests_total" and "nope" in lab["route"]]
+    assert metric(after, "sdgate_ready") == 1
+    assert metric(after, "sdgate_queue_depth") == 0
 
 
 def test_log_lines_are_json_with_the_request_id_and_no_prompt(srv: ServerProcess) -> None:
