@@ -22,7 +22,7 @@ from sdgate.errors import StorageError
 from sdgate.jobs import JobRunner
 from sdgate.jobstore import SqliteJobStore
 from sdgate.schemas import GeneratedImage, GenerationParams, GenerationRequest, ModelDefaults, resolve_request
-from sdgate.storage import StoredObject, create_storage, is_valid_key, new_key
+from sdgate.storage import StoredObject, create_storage, is_public_key, is_valid_key, new_key, sidecar_key
 from sdgate.storage.s3 import S3Storage
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
 from tests.server import free_port
@@ -33,14 +33,14 @@ if TYPE_CHECKING:
 JPEG = b"\xff\xd8\xff\xe0 not really a jpeg \xff\xd9"
 
 
-def client_for(url: str, **config: object) -> S3Client:
+def client_for(url: str, **config: Any) -> S3Client:
     client: S3Client = boto3.client(
         "s3",
         endpoint_url=url,
         region_name=REGION,
         aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        config=Config(signature_version="s3v4", **config),  # type: ignore[arg-type]
+        config=Config(signature_version="s3v4", **config),
     )
     return client
 
@@ -98,6 +98,28 @@ def test_delete_removes_and_ignores_missing(s3_server: str, s3: S3Client, bucket
     storage.delete(key)
     storage.delete(key)
     assert s3.list_objects_v2(Bucket=bucket).get("KeyCount") == 0
+
+
+def test_a_sidecar_goes_under_the_private_prefix_after_the_s3_prefix(s3_server: str, s3: S3Client, bucket: str) -> None:
+    storage = storage_for(s3_server, bucket, s3_prefix="images/")
+    key = new_key("webp")
+    sidecar = sidecar_key(key)
+    assert sidecar == "private/" + key.removesuffix(".webp") + ".json"
+    assert is_public_key(key) and not is_public_key(sidecar)
+    storage.put(JPEG, key, "image/webp")
+    assert storage.put(b'{"prompt": "a secret"}', sidecar, "application/json").key == sidecar
+
+    obj = s3.get_object(Bucket=bucket, Key=f"images/private/{key.removesuffix('.webp')}.json")
+    assert obj["Body"].read() == b'{"prompt": "a secret"}'
+    assert obj["ContentType"] == "application/json"
+    listed = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]}
+    assert listed == {f"images/{key}", f"images/{sidecar}"}
+
+    storage.delete(sidecar)
+    storage.delete(sidecar)  # missing: not an error
+    assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == {f"images/{key}"}
+    with pytest.raises(ValueError, match="invalid storage key"):
+        storage.put(JPEG, f"private/{key}", "image/webp")  # an image is never private
 
 
 def test_a_missing_bucket_is_a_clear_storage_error_and_writes_nothing(s3_server: str, s3: S3Client) -> None:

@@ -1,4 +1,4 @@
-"""Keys and the local image directory: unguessable, collision-free, atomic, no path traversal."""
+"""Keys and the local image directory: unguessable, collision-free, atomic, no path traversal, private sidecars."""
 
 from __future__ import annotations
 
@@ -6,12 +6,16 @@ import datetime as dt
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from fastapi.testclient import TestClient
 
 from sdgate.config import Settings
-from sdgate.errors import StorageError
-from sdgate.storage import create_storage, is_valid_key, new_key
+from sdgate.errors import SdgateError, StorageError
+from sdgate.storage import create_storage, is_public_key, is_valid_key, new_key, sidecar_key
 from sdgate.storage.local import LocalStorage
 
 KEY = re.compile(r"^(\d{4})/(\d{2})/(\d{2})/([0-9a-f]{32})\.(\w+)$")
@@ -147,12 +151,111 @@ def test_keys_sdgate_could_not_have_made_are_rejected(storage: LocalStorage, key
         storage.put(b"x", key, "image/jpeg")
 
 
-@pytest.mark.parametrize("ext", ["jpeg", "png", "webp", "json"])
-def test_keys_sdgate_makes_are_accepted(storage: LocalStorage, ext: str) -> None:
-    key = f"{GOOD}.{ext}"
+@pytest.mark.parametrize(
+    "key",
+    [
+        f"private/{GOOD}.jpeg",  # an image is never private
+        f"private/{GOOD}.png",
+        f"private/private/{GOOD}.json",
+        f"private/../{GOOD}.json",
+        f"private//{GOOD}.json",
+        f"/private/{GOOD}.json",
+        f"Private/{GOOD}.json",
+        f"private/{GOOD}.json\n",
+        f"private/{GOOD[:-1]}.json",
+    ],
+)
+def test_private_keys_sdgate_could_not_have_made_are_rejected(storage: LocalStorage, key: str) -> None:
+    assert storage.path_for(key) is None
+    assert not is_valid_key(key)
+    assert not is_public_key(key)
+    with pytest.raises(ValueError):
+        storage.put(b"x", key, "application/json")
+    with pytest.raises(ValueError):
+        storage.delete(key)
+
+
+@pytest.mark.parametrize("key", [f"{GOOD}.jpeg", f"{GOOD}.png", f"{GOOD}.webp", f"{GOOD}.json", f"private/{GOOD}.json"])
+def test_keys_sdgate_makes_are_accepted(storage: LocalStorage, key: str) -> None:
     path = storage.path_for(key)
     assert path is not None
     assert path.resolve().is_relative_to(storage.root.resolve())
+
+
+# -- sidecars: the prompt of an image whose URL is shared stays private ---------------------------
+
+
+@pytest.mark.parametrize("ext", ["jpeg", "png", "webp"])
+def test_the_sidecar_of_an_image_is_under_the_private_prefix(ext: str) -> None:
+    assert sidecar_key(f"{GOOD}.{ext}") == f"private/{GOOD}.json"
+    key = new_key(ext)
+    assert is_public_key(key) and is_valid_key(key)
+    sidecar = sidecar_key(key)
+    assert is_valid_key(sidecar)
+    assert not is_public_key(sidecar)
+
+
+@pytest.mark.parametrize("key", [f"private/{GOOD}.json", f"{GOOD}.json", "../etc/passwd", f"{GOOD}.gif", ""])
+def test_only_an_image_key_has_a_sidecar(key: str) -> None:
+    with pytest.raises(ValueError, match="not an image key"):
+        sidecar_key(key)
+
+
+def test_a_sidecar_beside_its_image_is_valid_but_not_public() -> None:
+    # Where sidecars were stored before they moved under private/: they can still be deleted.
+    assert is_valid_key(f"{GOOD}.json")
+    assert not is_public_key(f"{GOOD}.json")
+
+
+def test_put_and_delete_an_image_and_its_sidecar(storage: LocalStorage) -> None:
+    key = new_key("jpeg")
+    sidecar = sidecar_key(key)
+    storage.put(b"jpeg", key, "image/jpeg")
+    assert storage.put(b"{}", sidecar, "application/json").key == sidecar
+    assert (storage.root / "private" / key.replace(".jpeg", ".json")).read_bytes() == b"{}"
+    assert (storage.root / key).read_bytes() == b"jpeg"
+    storage.delete(sidecar)
+    storage.delete(sidecar)  # missing: not an error
+    assert not (storage.root / sidecar).exists()
+    assert (storage.root / key).is_file()
+    storage.delete(key)
+    assert not [p for p in storage.root.rglob("*") if p.is_file()]
+
+
+@pytest.fixture
+def images(storage: LocalStorage) -> TestClient:
+    """``GET /images/{key}`` alone: its router in a bare app, the storage in the context it reads."""
+    # Imported here: the route's own module, not the app factory, is all this needs.
+    from sdgate.api.images import router
+
+    app = FastAPI()
+    app.include_router(router)
+    app.state.ctx = SimpleNamespace(storage=storage)
+
+    async def sdgate_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, SdgateError)
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    app.add_exception_handler(SdgateError, sdgate_error)
+    return TestClient(app)
+
+
+def test_images_serves_an_image_but_never_its_sidecar(storage: LocalStorage, images: TestClient) -> None:
+    key = new_key("png")
+    storage.put(b"\x89PNG-bytes", key, "image/png")
+    storage.put(b'{"prompt": "a secret"}', sidecar_key(key), "application/json")
+    legacy = key.removesuffix(".png") + ".json"  # a sidecar stored beside its image by an earlier version
+    storage.put(b'{"prompt": "an old secret"}', legacy, "application/json")
+
+    got = images.get(f"/images/{key}")
+    assert got.status_code == 200
+    assert got.content == b"\x89PNG-bytes"
+    assert got.headers["content-type"] == "image/png"
+    for path in (f"/images/{sidecar_key(key)}", f"/images/{legacy}", "/images/private/", "/images/private"):
+        refused = images.get(path)
+        assert refused.status_code == 404, path
+        assert refused.json()["error"]["type"] == "not_found"
+        assert b"secret" not in refused.content
 
 
 def test_check_passes_on_a_writable_directory_and_creates_it(storage: LocalStorage) -> None:

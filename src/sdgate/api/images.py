@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse, Response
 from sdgate.api.context import Ctx
 from sdgate.errors import NotFound
 from sdgate.imaging import CONTENT_TYPES
+from sdgate.storage import is_public_key
 from sdgate.storage.local import LocalStorage
 
 router = APIRouter(tags=["images"])
@@ -17,13 +18,13 @@ _CACHE = "public, max-age=31536000, immutable"
 
 @router.get("/images/{key:path}", response_class=FileResponse, responses={404: {"description": "no such image"}})
 async def get_image(key: str, request: Request, ctx: Ctx) -> Response:
-    """A stored image. Keys are made by sdgate; anything else (``..``, absolute paths) is 404."""
+    """A stored image. Keys are made by sdgate; anything else (``..``, absolute paths, sidecars) is 404."""
     storage = ctx.storage
-    path = storage.path_for(key) if isinstance(storage, LocalStorage) else None
+    # Not a sidecar (private/...): an image's URL may be shared, the prompt its sidecar holds may not.
+    path = storage.path_for(key) if is_public_key(key) and isinstance(storage, LocalStorage) else None
     if path is None or not path.is_file():
         raise NotFound("no such image")
-    ext = key.rsplit(".", 1)[-1]
-    content_type = CONTENT_TYPES.get(ext, "application/json")
+    content_type = CONTENT_TYPES[key.rsplit(".", 1)[-1]]
     # The key holds 128 random bits and its bytes never change: it is a perfect entity tag.
     etag = '"' + key.rsplit("/", 1)[-1].split(".")[0] + '"'
     headers = {"Cache-Control": _CACHE, "ETag": etag, "X-Content-Type-Options": "nosniff"}

@@ -12,7 +12,15 @@ from sdgate.config import Settings
 
 # Keys are made here, never from user input: a date prefix for humans and lifecycle rules,
 # 128 random bits so that URLs are unguessable and two images never share a key.
-KEY_PATTERN = re.compile(r"^\d{4}/\d{2}/\d{2}/[0-9a-f]{32}\.(jpeg|png|webp|json)$")
+_STEM = r"\d{4}/\d{2}/\d{2}/[0-9a-f]{32}"
+PRIVATE_PREFIX = "private/"
+"""Where sidecars go. An image URL is made to be shared; its sidecar holds the prompt, which is not:
+neither ``GET /images`` nor the CDN of the AWS stack serves anything under this prefix."""
+IMAGE_KEY_PATTERN = re.compile(rf"{_STEM}\.(jpeg|png|webp)")
+# A sidecar beside its image (``<stem>.json``) is where sidecars went before they moved under
+# PRIVATE_PREFIX: still a valid key, so that those can be deleted and writers not yet on sidecar_key()
+# keep working, but no more public than any other sidecar.
+KEY_PATTERN = re.compile(rf"{_STEM}\.(jpeg|png|webp|json)|{PRIVATE_PREFIX}{_STEM}\.json")
 
 
 def new_key(extension: str, now: dt.datetime | None = None) -> str:
@@ -21,9 +29,25 @@ def new_key(extension: str, now: dt.datetime | None = None) -> str:
     return f"{now:%Y/%m/%d}/{secrets.token_hex(16)}.{extension}"
 
 
+def sidecar_key(image_key: str) -> str:
+    """The key of an image's JSON sidecar (its parameters, prompt included), under :data:`PRIVATE_PREFIX`.
+
+    ``2026/12/01/<32 hex>.jpeg`` → ``private/2026/12/01/<32 hex>.json``.
+    """
+    if not is_public_key(image_key):
+        raise ValueError(f"not an image key: {image_key!r}")
+    return PRIVATE_PREFIX + image_key.rsplit(".", 1)[0] + ".json"
+
+
 def is_valid_key(key: str) -> bool:
-    # fullmatch: with match, ``$`` also accepts a key that ends in a newline.
+    """A key sdgate could have made, an image's or a sidecar's: the only keys storage puts or deletes."""
+    # fullmatch, not match: the patterns have no anchors, and nothing may follow a valid start (``\n``, ``/..``).
     return bool(KEY_PATTERN.fullmatch(key))
+
+
+def is_public_key(key: str) -> bool:
+    """An image's key: what anyone with its URL may fetch. A sidecar's key is not public."""
+    return bool(IMAGE_KEY_PATTERN.fullmatch(key))
 
 
 @dataclass(frozen=True)

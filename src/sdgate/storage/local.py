@@ -1,4 +1,4 @@
-"""Images on the local disk, served by the API at ``/images/{key}``."""
+"""Images on the local disk, served by the API at ``/images/{key}``; their sidecars under ``private/``, not served."""
 
 from __future__ import annotations
 

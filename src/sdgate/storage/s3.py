@@ -4,7 +4,9 @@ Configuration is AWS's own: region and credentials from the standard chain, and 
 from ``AWS_ENDPOINT_URL_S3`` for S3-compatible stores (MinIO, moto, R2, ...), which boto3 honours.
 
 - Keys: ``SDGATE_S3_PREFIX`` + the same unguessable ``YYYY/MM/DD/<128 random bits>.<ext>`` keys as
-  local storage (:func:`sdgate.storage.new_key`); two images never share one.
+  local storage (:func:`sdgate.storage.new_key`); two images never share one. Sidecars go under
+  ``SDGATE_S3_PREFIX`` + ``private/`` (:func:`sdgate.storage.sidecar_key`), which the CDN must not serve
+  (the AWS stack's bucket policy denies CloudFront that prefix).
 - URLs: ``SDGATE_PUBLIC_BASE_URL`` + ``/`` + the object key when set (a CloudFront distribution
   whose origin is the bucket); otherwise a presigned GET URL valid for ``SDGATE_S3_PRESIGN_EXPIRY_S``.
 - Writes: one ``PutObject`` per object, which S3 applies whole or not at all; jobs write the image
