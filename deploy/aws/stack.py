@@ -3,7 +3,8 @@
 What is safer than the hand-written original:
 
 - the bucket is private (all public access blocked, ACLs off, TLS only, encrypted); CloudFront reads
-  it through Origin Access Control, HTTPS only, and caches (image keys are immutable);
+  it through Origin Access Control, HTTPS only, and caches (image keys are immutable), but never the
+  sidecars under ``images/private/``: they hold the prompts of images whose URLs are shared;
 - old images expire by a lifecycle rule, old job records by DynamoDB's TTL, after the same days;
 - each function has its own role with only what it uses: the API function may write job records and
   invoke the worker, nothing else; the worker may invoke the one endpoint and put objects under the
@@ -51,6 +52,7 @@ from aws_cdk import aws_sagemaker as sagemaker
 from constructs import Construct
 
 from sdgate.jobstore.dynamodb import INDEXES, TTL_ATTRIBUTE
+from sdgate.storage import PRIVATE_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
 RUNTIME = lambda_.Runtime.PYTHON_3_12
@@ -176,6 +178,23 @@ class SdgateStack(Stack):
             ),
             price_class=cloudfront.PriceClass.PRICE_CLASS_100,
             http_version=cloudfront.HttpVersion.HTTP2_AND_3,
+        )
+        # The sidecars (sdgate.storage.sidecar_key) hold the prompts: an image URL may be shared, its prompt
+        # may not. Origin Access Control lets the distribution read every object of the bucket; a Deny beats
+        # any Allow, so this keeps CloudFront off the private prefix, and off any .json such as the sidecars
+        # stored beside their images by earlier versions (a sidecar URL answers 403, as a missing key does).
+        # One statement in the bucket policy, rather than a second cache behavior that would need an origin
+        # of its own; the worker still writes and deletes there.
+        bucket.add_to_resource_policy(
+            iam.PolicyStatement(
+                effect=iam.Effect.DENY,
+                principals=[iam.ServicePrincipal("cloudfront.amazonaws.com")],
+                actions=["s3:GetObject"],
+                resources=[
+                    bucket.arn_for_objects(f"{IMAGES_PREFIX}/{PRIVATE_PREFIX}*"),
+                    bucket.arn_for_objects(f"{IMAGES_PREFIX}/*.json"),
+                ],
+            )
         )
 
         # 2. job records: a table with the store's own key schema and indexes, TTL on expires_at

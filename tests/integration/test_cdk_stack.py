@@ -8,6 +8,7 @@ not depend on the package's contents.
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import pytest
 
 from sdgate.config import Settings
 from sdgate.jobstore.dynamodb import TABLE, TTL_ATTRIBUTE
+from sdgate.storage import new_key, sidecar_key
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "aws"
@@ -88,7 +90,7 @@ def flat(value: Any) -> str:
         sep, parts = value["Fn::Join"]
         return str(sep).join(flat(p) for p in parts)
     if isinstance(value, dict) and "Ref" in value:
-        return "${" + value["Ref"] + "}"
+        return "${" + str(value["Ref"]) + "}"
     if isinstance(value, dict) and "Fn::GetAtt" in value:
         return "${" + ".".join(value["Fn::GetAtt"]) + "}"
     return json.dumps(value, sort_keys=True)
@@ -167,7 +169,7 @@ def test_bucket_is_private_encrypted_tls_only_and_expires_old_images(
     assert template["Resources"][name]["DeletionPolicy"] == "Retain"  # users' images outlive the stack
     _, policy = one(template, "AWS::S3::BucketPolicy")
     denies = [s for s in policy["PolicyDocument"]["Statement"] if s["Effect"] == "Deny"]
-    assert [s["Condition"] for s in denies] == [{"Bool": {"aws:SecureTransport": "false"}}]
+    assert [s.get("Condition") for s in denies] == [{"Bool": {"aws:SecureTransport": "false"}}, None]
 
 
 def test_cloudfront_reads_the_bucket_through_origin_access_control_only(existing: Template) -> None:
@@ -193,6 +195,26 @@ def test_cloudfront_reads_the_bucket_through_origin_access_control_only(existing
     assert flat(allow["Resource"]) == "${" + bucket_name(existing) + ".Arn}/*"
     source = flat(allow["Condition"]["StringEquals"]["AWS:SourceArn"])
     assert source == "arn:${AWS::Partition}:cloudfront::${AWS::AccountId}:distribution/${" + cdn_name + "}"
+
+
+def test_cloudfront_may_read_the_images_but_not_their_sidecars(existing: Template) -> None:
+    """A sidecar holds the prompt; the URL of its image is made to be shared."""
+    _, policy = one(existing, "AWS::S3::BucketPolicy")
+    cloudfront = {"Service": "cloudfront.amazonaws.com"}
+    [deny] = [
+        s for s in policy["PolicyDocument"]["Statement"] if s["Effect"] == "Deny" and s["Principal"] == cloudfront
+    ]
+    assert deny["Action"] == "s3:GetObject"
+    assert "Condition" not in deny  # whichever distribution asks
+    arn = "${" + bucket_name(existing) + ".Arn}/"
+    denied = [flat(r).removeprefix(arn) for r in as_list(deny["Resource"])]
+    assert denied == ["images/private/*", "images/*.json"]
+    # The patterns as S3 reads them (``*`` spans slashes, as in fnmatch), on keys as sdgate makes them.
+    for ext in ("jpeg", "png", "webp"):
+        image = new_key(ext)
+        legacy = image.rsplit(".", 1)[0] + ".json"  # where earlier versions put the sidecar
+        for key, refused in ((image, False), (sidecar_key(image), True), (legacy, True)):
+            assert any(fnmatch.fnmatchcase(f"images/{key}", p) for p in denied) is refused, key
 
 
 def test_job_table_is_the_stores_own_with_ttl(existing: Template, stack_module: Any) -> None:
@@ -313,7 +335,7 @@ def test_functions_run_the_handler_with_settings_sdgate_accepts(existing: Templa
         )
         # Every variable is a setting sdgate knows, and together they pass its checks.
         fields = {k.removeprefix("SDGATE_").lower(): v.replace("${", "x").replace("}", "") for k, v in env.items()}
-        settings = Settings(**fields)
+        settings = Settings(**fields)  # type: ignore[arg-type]
         assert settings.retention_s == 30 * 86400
     _, api = function(existing, "ApiFunction")
     worker, _ = function(existing, "WorkerFunction")
