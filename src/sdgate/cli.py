@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar, get_args
@@ -172,13 +171,12 @@ def _output_paths(output: Path, n: int) -> list[Path]:
 
 
 def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> list[tuple[Path, int]]:
-    """In process: validate → load the model → generate with a progress bar → encode → write."""
-    from tqdm import tqdm
+    """In process, through the same generation service as the server: the job is recorded and its
+    images stored under the data dir like any other; the files are written from the stored bytes."""
+    import asyncio
 
-    from sdgate.engine.runner import Engine
-    from sdgate.errors import InvalidRequest, NotReady
-    from sdgate.imaging import encode
-    from sdgate.schemas import GenerationRequest, resolve_request
+    from sdgate.errors import InvalidRequest
+    from sdgate.schemas import GenerationRequest
 
     # 1. check inputs before loading anything
     try:
@@ -188,34 +186,48 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
         raise InvalidRequest(
             f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
         ) from None
-    engine = Engine(settings.model_copy(update={"warmup": False}))
-    engine.start()
-    try:
-        # 2. load
-        with tqdm(desc=f"loading {settings.model}", bar_format="{desc} {elapsed}", file=sys.stderr) as bar:
-            if not engine.wait_ready():
-                raise NotReady(engine.load_error or "the model could not be loaded")
-            bar.update()
-        params = resolve_request(request, settings, engine.defaults)
-        # 3. run
-        bar = tqdm(total=params.num_inference_steps, desc="generating", unit="step", file=sys.stderr)
-        lock = threading.Lock()
-
-        def progress(step: int, total: int) -> None:
-            with lock:
-                bar.update(step - bar.n)
-
-        result = engine.submit(params, progress).result()
-        bar.close()
-    finally:
-        engine.close()
-    # 4. encode and write
-    paths = _output_paths(output, len(result.images))
-    for path, img in zip(paths, result.images, strict=True):
-        meta = {**params.public(), "seed": img.seed, "model": settings.model}
+    # 2. load, generate, store
+    job = asyncio.run(_run_in_process(settings.model_copy(update={"warmup": False}), request))
+    # 3. write the stored bytes
+    paths = _output_paths(output, len(job.outputs))
+    for path, out in zip(paths, job.outputs, strict=True):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encode(img.image, params.output_format, params.quality, meta).data)
-    return [(p, img.seed) for p, img in zip(paths, result.images, strict=True)]
+        path.write_bytes(out.data)
+    return [(p, out.image.seed) for p, out in zip(paths, job.outputs, strict=True)]
+
+
+async def _run_in_process(settings: Settings, request: Any) -> Any:
+    from tqdm import tqdm
+
+    from sdgate.backends.local import LocalBackend
+    from sdgate.generation import Caller, GenerationService
+    from sdgate.jobs import JobRunner
+    from sdgate.jobstore import create_job_store
+    from sdgate.schemas import Surface
+    from sdgate.storage import create_storage
+
+    backend = LocalBackend(settings)
+    store = create_job_store(settings)
+    runner = JobRunner(settings, backend, create_storage(settings), store)
+    service = GenerationService(settings, backend, runner)
+    await backend.start()
+    # A server sharing this data dir may be running its unfinished jobs: the CLI recovers none.
+    await runner.start(recover_jobs=False)
+    try:
+        with tqdm(desc=f"loading {settings.model}", bar_format="{desc} {elapsed}", file=sys.stderr):
+            await runner.wait_ready(timeout=settings.backend_timeout_s)
+        generation = await service.generate([request], surface=Surface.cli, caller=Caller(), wait_s=None)
+        job = generation.job
+        with tqdm(total=job.params.num_inference_steps, desc="generating", unit="step", file=sys.stderr) as bar:
+            async for event in runner.events(job.id):
+                step = int(event.data.get("progress", {}).get("step", bar.n)) if event.name else bar.n
+                bar.update(step - bar.n)
+        generation.raise_for_failure()
+        return job
+    finally:
+        await runner.close()
+        await backend.close()
+        store.close()
 
 
 @main.group()
@@ -224,10 +236,10 @@ def keys() -> None:
 
 
 def _key_store(data_dir: str | None) -> Any:
-    from sdgate.keys import KeyStore
+    from sdgate.auth import KeyStore
 
     settings = build_settings({"data_dir": data_dir})
-    return KeyStore(settings.data_dir / "keys.sqlite3")
+    return KeyStore(settings.paths.keys_db)
 
 
 _data_dir_option = click.option("--data-dir", help="State directory [env: SDGATE_DATA_DIR].")

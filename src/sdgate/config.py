@@ -13,12 +13,14 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from sdgate.formats import ImageFormat
+from sdgate.paths import DataPaths
+
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
 BackendName = Literal["local", "sagemaker", "http"]
 StorageName = Literal["local", "s3"]
 JobStoreName = Literal["sqlite", "dynamodb"]
-ImageFormat = Literal["jpeg", "png", "webp"]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -247,9 +249,6 @@ class Settings(BaseSettings):
         return not is_loopback(self.host)
 
     @property
-    def images_dir(self) -> Path:
-        return self.data_dir / "images"
-
-    @property
-    def models_dir(self) -> Path:
-        return self.data_dir / "models"
+    def paths(self) -> DataPaths:
+        """Every file and folder under ``data_dir``."""
+        return DataPaths(self.data_dir)

@@ -1,4 +1,4 @@
-"""Domain errors, and the one place where they become HTTP responses."""
+"""Domain errors: each has a status and a stable type; :mod:`sdgate.api.errors` turns them into responses."""
 
 from __future__ import annotations
 
@@ -111,6 +111,13 @@ class BackendError(SdgateError):
 
     status = 502
     type = "backend_error"
+
+
+class GenerationTimeout(SdgateError):
+    """A request that waits for its images waited longer than allowed; the job itself goes on."""
+
+    status = 504
+    type = "timeout"
 
 
 class StorageError(SdgateError):

@@ -11,10 +11,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
-from sdgate.config import ImageFormat
+from sdgate.formats import CONTENT_TYPES, EXTENSIONS, ImageFormat
 
-CONTENT_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-EXTENSIONS: dict[str, str] = {"jpeg": "jpeg", "png": "png", "webp": "webp"}
 _EXIF_IMAGE_DESCRIPTION = 0x010E
 _EXIF_SOFTWARE = 0x0131
 

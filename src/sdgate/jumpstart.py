@@ -36,8 +36,16 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdgate.errors import InvalidRequest, MalformedRequest, UnsupportedMediaType
-from sdgate.imaging import encode, from_rgb_lists, to_rgb_lists
-from sdgate.schemas import MAX_SEED, SCHEDULER_NAMES, GeneratedImage, GenerationParams, GenerationRequest, check_side
+from sdgate.imaging import from_rgb_lists, to_rgb_lists
+from sdgate.schemas import (
+    MAX_SEED,
+    SCHEDULER_NAMES,
+    GeneratedImage,
+    GenerationParams,
+    GenerationRequest,
+    check_prompt,
+    check_side,
+)
 
 JSON = "application/json"
 TEXT = "application/x-text"
@@ -68,8 +76,8 @@ class JumpStartPayload(BaseModel):
         prompts = [v] if isinstance(v, str) else v
         if not prompts:
             raise ValueError("prompt must not be an empty list")
-        if any(not p.strip() for p in prompts):
-            raise ValueError("prompt must not be empty")
+        for prompt in prompts:
+            check_prompt(prompt)
         return v
 
     @field_validator("width", "height")
@@ -221,15 +229,10 @@ def generation_requests(payload: JumpStartPayload) -> list[GenerationRequest]:
         raise _invalid(e) from None
 
 
-def render_image(img: GeneratedImage, params: GenerationParams, encoding: ImageEncoding, model: str) -> Any:
-    """One image as JumpStart sends it: RGB rows, or a base64 JPEG (the backend's own bytes when it has them)."""
+def render_image(data: bytes, pixels: Any, encoding: ImageEncoding) -> Any:
+    """One stored image as JumpStart sends it: RGB rows of its pixels, or its JPEG bytes in base64."""
     if encoding == "rgb":
-        return to_rgb_lists(img.image)
-    if img.encoded is not None and img.encoded_format == "jpeg":
-        data = img.encoded
-    else:
-        meta = {**params.public(), "seed": img.seed, "model": model}
-        data = encode(img.image, "jpeg", params.quality, meta).data
+        return to_rgb_lists(pixels)
     return base64.b64encode(data).decode("ascii")
 
 

@@ -9,6 +9,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from sdgate.schemas import Timings
+
 _STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 32, 64)
 
@@ -83,13 +85,12 @@ class Metrics:
     def watch_backend(self, stats: Callable[[], dict[str, Any]], ready: Callable[[], bool]) -> None:
         self.registry.register(_BackendCollector(stats, ready))
 
-    def job_finished(self, status: str, timings: dict[str, float], images: int, error_type: str | None) -> None:
+    def job_finished(self, status: str, timings: Timings, images: int, error_type: str | None) -> None:
         self.jobs.labels(status).inc()
         if status == "succeeded":
             self.images_generated.inc(images)
             for stage in ("queue", "inference", "encode", "store"):
-                if stage in timings:
-                    self.stage_latency.labels(stage).observe(timings[stage] / 1000)
+                self.stage_latency.labels(stage).observe(getattr(timings, stage) / 1000)
         if error_type:
             self.errors.labels(error_type).inc()
 

@@ -2,20 +2,19 @@
 
 Field names follow diffusers' ``__call__`` (``prompt``, ``negative_prompt``, ``num_inference_steps``, ...).
 Static ranges live on the fields; limits that depend on settings (``max_pixels``, prompt length) are
-checked by :func:`resolve_request`, before any model work.
+checked by :func:`sdgate.generation.request.resolve_request`, before any model work.
 """
 
 from __future__ import annotations
 
-import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from sdgate.config import ImageFormat, Settings
-from sdgate.errors import InvalidRequest
+from sdgate.formats import ImageFormat
 
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "unipc")
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -29,6 +28,13 @@ def check_side(name: str, value: int) -> int:
     if value % 8:
         lower = value - value % 8
         raise ValueError(f"{name} must be a multiple of 8, got {value} — try {max(lower, MIN_SIDE)} or {lower + 8}")
+    return value
+
+
+def check_prompt(value: str, name: str = "prompt") -> str:
+    """A prompt must say something: every surface refuses a blank one with the same words."""
+    if not value.strip():
+        raise ValueError(f"{name} must not be empty")
     return value
 
 
@@ -60,9 +66,7 @@ class GenerationRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("prompt must not be empty")
-        return v
+        return check_prompt(v)
 
     @field_validator("width", "height")
     @classmethod
@@ -129,57 +133,16 @@ class GenerationParams:
         }
 
 
-def resolve_request(req: GenerationRequest, settings: Settings, defaults: ModelDefaults) -> GenerationParams:
-    """Apply settings-dependent limits and defaults. Raises :class:`InvalidRequest` naming the field."""
-    # 1. limits that depend on settings
-    if len(req.prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            f"prompt is {len(req.prompt)} characters; the limit is {settings.max_prompt_chars}",
-            field="prompt",
-        )
-    if req.negative_prompt is not None and len(req.negative_prompt) > settings.max_prompt_chars:
-        raise InvalidRequest(
-            f"negative_prompt is {len(req.negative_prompt)} characters; the limit is {settings.max_prompt_chars}",
-            field="negative_prompt",
-        )
-    if req.num_images > settings.max_images:
-        raise InvalidRequest(
-            f"num_images must be at most {settings.max_images}, got {req.num_images}", field="num_images"
-        )
-    # 2. defaults
-    width = req.width or settings.default_width or defaults.width
-    height = req.height or settings.default_height or defaults.height
-    if width * height > settings.max_pixels:
-        raise InvalidRequest(
-            f"width*height is {width * height} pixels; the limit is {settings.max_pixels} "
-            f"(e.g. {int(settings.max_pixels**0.5) // 8 * 8}x{int(settings.max_pixels**0.5) // 8 * 8})",
-            field="width" if req.width else "height",
-        )
-    steps = req.num_inference_steps or settings.default_steps or defaults.num_inference_steps
-    guidance = req.guidance_scale
-    if guidance is None:
-        guidance = (
-            settings.default_guidance_scale if settings.default_guidance_scale is not None else defaults.guidance_scale
-        )
-    # 3. one seed per image, so that any image can be reproduced alone
-    first = req.seed if req.seed is not None else secrets.randbelow(MAX_SEED - 64)
-    seeds = tuple((first + i) % (MAX_SEED + 1) for i in range(req.num_images))
-    fmt = req.output_format or settings.output_format
-    return GenerationParams(
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        width=width,
-        height=height,
-        num_inference_steps=steps,
-        guidance_scale=float(guidance),
-        seeds=seeds,
-        scheduler=req.scheduler or defaults.scheduler,
-        output_format=fmt,
-        quality=req.quality or settings.jpeg_quality,
-    )
-
-
 # -- responses ------------------------------------------------------------------------------------
+
+
+class Surface(StrEnum):
+    """Which API a generation came through; kept on its job."""
+
+    native = "native"
+    text2image = "text2image"
+    sagemaker = "sagemaker"
+    cli = "cli"
 
 
 class JobStatus(StrEnum):
@@ -204,6 +167,15 @@ class ImageResult(BaseModel):
     bytes: int
 
 
+class StoredImage(ImageResult):
+    """An image as its job records it: the public fields and its storage key (never shown)."""
+
+    key: str
+
+    def public(self) -> ImageResult:
+        return ImageResult(**self.model_dump(exclude={"key"}))
+
+
 class Timings(BaseModel):
     """Milliseconds spent in each stage."""
 
@@ -215,8 +187,12 @@ class Timings(BaseModel):
 
 
 class ErrorInfo(BaseModel):
+    """Why a job failed: a stable ``type`` and a message that says what to do."""
+
     type: str
     message: str
+    retry_after: str | None = Field(None, exclude=True)
+    """The ``Retry-After`` the error came with (a busy endpoint): for the answer, not for the record."""
 
 
 class Progress(BaseModel):
@@ -225,10 +201,30 @@ class Progress(BaseModel):
     eta_ms: float | None = None
 
 
+class WebhookAttempt(BaseModel):
+    """One delivery attempt: when, and the receiver's status or the error that stopped it."""
+
+    at: float
+    status: int | None = None
+    error: str | None = None
+
+
 class WebhookStatus(BaseModel):
     url: str
     delivered: bool = False
-    attempts: list[dict[str, Any]] = Field(default_factory=list)
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+
+
+class WebhookState(BaseModel):
+    """A job's webhook as its record keeps it. ``delivered`` stays None until a delivery ends,
+    delivered or out of attempts: its absence tells a restart that a delivery is still owed."""
+
+    url: str
+    attempts: list[WebhookAttempt] = Field(default_factory=list)
+    delivered: bool | None = None
+
+    def public(self) -> WebhookStatus:
+        return WebhookStatus(url=self.url, delivered=bool(self.delivered), attempts=self.attempts)
 
 
 class GenerationResponse(BaseModel):
@@ -237,6 +233,7 @@ class GenerationResponse(BaseModel):
     id: str
     status: JobStatus
     model: str
+    surface: Surface | None = Field(None, description="The API the generation came through.")
     created: int
     images: list[ImageResult] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
@@ -294,3 +291,17 @@ class GeneratedImage:
     encoded: bytes | None = None
     encoded_format: ImageFormat | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationResult:
+    """What a backend (and the engine under the local one) hands back for one request."""
+
+    images: list[GeneratedImage]
+    queue_ms: float = 0.0
+    inference_ms: float = 0.0
+    batch_images: int = 1  # images in the pipeline call that made these (batching shows as > 1)
+
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (step, total steps): step 0 when the work leaves the queue, then after each step."""

@@ -19,6 +19,7 @@ from botocore.response import StreamingBody
 from botocore.stub import ANY, Stubber
 from PIL import Image
 
+from sdgate.backends import BackendState
 from sdgate.backends.http import HttpBackend
 from sdgate.backends.sagemaker import SageMakerBackend
 from sdgate.config import Settings
@@ -162,7 +163,7 @@ def test_sagemaker_backend_without_a_region_is_not_ready_and_says_why(monkeypatc
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     backend = SageMakerBackend(Settings(backend="sagemaker", sagemaker_endpoint="sd"))
     asyncio.run(backend.start())
-    assert not backend.ready()
+    assert backend.state() is BackendState.failed
     assert "failed" in backend.status_detail() and "AWS_REGION" in backend.status_detail()
 
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from sdgate.webhooks import SIGNATURE_HEADER, verify
+from sdgate.jobs.webhooks import SIGNATURE_HEADER, verify
 from tests.server import ServerProcess, start_server
 
 QUEUE_SIZE = 3

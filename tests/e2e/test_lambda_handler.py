@@ -29,8 +29,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+from sdgate.jobs.webhooks import SIGNATURE_HEADER, verify
 from sdgate.storage import is_valid_key
-from sdgate.webhooks import SIGNATURE_HEADER, verify
 from tests.aws_fixtures import FAKE_CREDENTIALS, FAST, REGION, jpeg_size, objects
 from tests.server import ServerProcess, free_port
 

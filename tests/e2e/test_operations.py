@@ -323,7 +323,7 @@ def test_sigterm_finishes_the_running_job_and_leaves_queued_ones_for_the_next_st
         assert record is not None and record.status == JobStatus.succeeded, record
         assert record.finished is not None and record.finished > sigterm_at, "finished before SIGTERM: tested nothing"
         assert [store.get(j).status for j in queued] == [JobStatus.queued] * QUEUE_SIZE  # type: ignore[union-attr]
-        assert [(first.data_dir / "images" / img["key"]).is_file() for img in record.images] == [True]
+        assert [(first.data_dir / "images" / img.key).is_file() for img in record.images] == [True]
     finally:
         store.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,50 +10,22 @@ import pytest
 from fastapi.testclient import TestClient
 
 from sdgate.api import create_app
-from sdgate.backends import BackendResult
+from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.errors import BackendError, Busy, GenerationFailed, NotReady, SdgateError
-from sdgate.schemas import GenerationParams, ModelDefaults
+from tests.fakes import FakeBackend
 
 
-class RaisingBackend:
-    """A backend whose every generation raises ``error``."""
-
-    name = "fake"
-    model_name = "fake"
-
-    def __init__(self, error: SdgateError | None, ready: bool = True):
-        self.error = error
-        self._ready = ready
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def ready(self) -> bool:
-        return self._ready
-
-    def status_detail(self) -> str:
-        return "ready" if self._ready else "model failed to load: no weights"
-
-    def defaults(self) -> ModelDefaults:
-        return ModelDefaults(width=64, height=64, num_inference_steps=1)
-
-    async def generate(
-        self, params: GenerationParams, progress: Any = None, cancel: threading.Event | None = None
-    ) -> BackendResult:
-        assert self.error is not None
-        raise self.error
-
-    def stats(self) -> dict[str, Any]:
-        return {}
+def raising(error: SdgateError | None, ready: bool = True) -> FakeBackend:
+    """A backend whose every generation raises ``error`` (or one whose model failed to load)."""
+    return FakeBackend(error=error, state=BackendState.ready if ready else BackendState.failed)
 
 
 @pytest.fixture
 def client_for(tmp_path: Path) -> Iterator[Any]:
     clients: list[TestClient] = []
 
-    def make(backend: RaisingBackend) -> TestClient:
+    def make(backend: FakeBackend) -> TestClient:
         client = TestClient(create_app(Settings(data_dir=tmp_path, backend_timeout_s=1), backend=backend))
         client.__enter__()
         clients.append(client)
@@ -78,7 +49,7 @@ def client_for(tmp_path: Path) -> Iterator[Any]:
 def test_backend_errors_become_sagemaker_errors(
     client_for: Any, path: str, error: SdgateError, status: int, code: str
 ) -> None:
-    client = client_for(RaisingBackend(error))
+    client = client_for(raising(error))
     resp = client.post(path, json={"prompt": "a fox"}, headers={"Accept": "application/json;jpeg"})
     assert resp.status_code == status
     assert resp.headers["x-amzn-errortype"] == code  # where botocore reads the error code
@@ -91,17 +62,17 @@ def test_backend_errors_become_sagemaker_errors(
 
 
 def test_ping_and_invocations_before_the_model_is_usable(client_for: Any) -> None:
-    client = client_for(RaisingBackend(None, ready=False))
+    client = client_for(raising(None, ready=False))
     ping = client.get("/ping")
     assert ping.status_code == 503
-    assert "no weights" in ping.json()["detail"]
+    assert "failed" in ping.json()["detail"]
     resp = client.post("/invocations", content="a fox", headers={"Content-Type": "application/x-text"})
     assert resp.status_code == 503
     assert resp.json()["ErrorCode"] == "ServiceUnavailable"
 
 
 def test_native_routes_keep_their_own_error_shape(client_for: Any) -> None:
-    client = client_for(RaisingBackend(GenerationFailed("boom")))
+    client = client_for(raising(GenerationFailed("boom")))
     resp = client.post("/v1/generations", json={"prompt": "a fox"})
     assert resp.status_code == 500
     assert "ErrorCode" not in resp.json()

@@ -14,7 +14,8 @@ from typing import Any
 from sdgate.config import Settings
 from sdgate.engine.loader import LoadedModel
 from sdgate.engine.runner import Engine
-from sdgate.schemas import GenerationParams, GenerationRequest, ModelDefaults, resolve_request
+from sdgate.generation import resolve_request
+from sdgate.schemas import GenerationParams, GenerationRequest, ModelDefaults
 
 
 class ScriptedPipeline:

@@ -14,17 +14,17 @@ import httpx
 import pytest
 from botocore.config import Config
 from botocore.stub import Stubber
-from PIL import Image
 
-from sdgate.backends import BackendResult
 from sdgate.config import Settings
 from sdgate.errors import StorageError
+from sdgate.generation import resolve_request
 from sdgate.jobs import JobRunner
 from sdgate.jobstore import SqliteJobStore
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationRequest, ModelDefaults, resolve_request
+from sdgate.schemas import GenerationRequest, Surface
 from sdgate.storage import StoredObject, create_storage, is_public_key, is_valid_key, new_key, sidecar_key
 from sdgate.storage.s3 import S3Storage
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
+from tests.fakes import FakeBackend
 from tests.server import free_port
 
 if TYPE_CHECKING:
@@ -169,32 +169,6 @@ def test_settings_pick_s3_and_the_standard_aws_endpoint_variable(
     assert httpx.get(url, timeout=10).content == JPEG
 
 
-class _OneImage:
-    """A backend that returns one fixed image at once."""
-
-    name = "fake"
-    model_name = "fake"
-
-    async def start(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-    def ready(self) -> bool:
-        return True
-
-    def status_detail(self) -> str:
-        return "ready"
-
-    def defaults(self) -> ModelDefaults:
-        return ModelDefaults(width=64, height=64, num_inference_steps=1)
-
-    async def generate(self, params: GenerationParams, progress: Any = None, cancel: Any = None) -> BackendResult:
-        return BackendResult(images=[GeneratedImage(image=Image.new("RGB", (64, 64), "red"), seed=params.seeds[0])])
-
-    def stats(self) -> dict[str, Any]:
-        return {}
-
-
 class _ImagesFail(S3Storage):
     """S3 that refuses image writes (as a full or failing store would), and accepts the rest."""
 
@@ -207,13 +181,13 @@ class _ImagesFail(S3Storage):
 def test_a_failed_image_write_leaves_no_sidecar(s3_server: str, s3: S3Client, bucket: str, tmp_path: Path) -> None:
     settings = Settings(storage="s3", s3_bucket=bucket, data_dir=tmp_path)
     storage = _ImagesFail(settings, client=client_for(s3_server))
-    backend = _OneImage()
+    backend = FakeBackend()
 
     async def run() -> Any:
-        jobs = JobRunner(settings, backend, storage, SqliteJobStore(tmp_path / "jobs.sqlite3"))
+        jobs = JobRunner(settings, backend, storage, SqliteJobStore(settings.paths.jobs_db))
         await jobs.start()
         params = resolve_request(GenerationRequest(prompt="a red square"), settings, backend.defaults())
-        job, _ = jobs.submit(params)
+        job, _ = jobs.submit(params, surface=Surface.native)
         await jobs.wait(job, 30)
         view = jobs.view(job)
         await jobs.close()

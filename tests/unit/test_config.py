@@ -20,8 +20,8 @@ def test_every_setting_is_an_sdgate_environment_variable(tmp_path: Path, monkeyp
     monkeypatch.setenv("SDGATE_WARMUP", "false")
     s = Settings()
     assert (s.data_dir, s.max_batch_wait_ms, s.output_format, s.warmup) == (tmp_path, 50.0, "webp", False)
-    assert s.images_dir == tmp_path / "images"
-    assert s.models_dir == tmp_path / "models"
+    assert s.paths.images == tmp_path / "images"
+    assert s.paths.models == tmp_path / "models"
 
 
 def test_unknown_settings_are_refused(tmp_path: Path) -> None:

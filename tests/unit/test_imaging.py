@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from sdgate.formats import CONTENT_TYPES
 from sdgate.imaging import (
-    CONTENT_TYPES,
     decode,
     encode,
     from_rgb_lists,

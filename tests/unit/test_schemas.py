@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from sdgate.config import Settings
 from sdgate.errors import InvalidRequest
+from sdgate.generation import resolve_request
 from sdgate.schemas import (
     MAX_SEED,
     SCHEDULER_NAMES,
@@ -17,7 +18,6 @@ from sdgate.schemas import (
     JobStatus,
     ModelDefaults,
     check_side,
-    resolve_request,
 )
 
 MODEL = ModelDefaults(width=512, height=512, num_inference_steps=4, guidance_scale=7.5)

@@ -11,15 +11,16 @@ from fastapi import Depends, FastAPI
 from sdgate import __version__
 from sdgate.api import health, images, native, sagemaker, text2image
 from sdgate.api import metrics as metrics_route
-from sdgate.api.auth import Guard, authenticate
+from sdgate.api.access import authenticate
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
 from sdgate.api.middleware import BodyLimit, RequestContext
-from sdgate.backends import Backend, create_backend
+from sdgate.auth import Guard, KeyStore
+from sdgate.backends import Backend, BackendState, create_backend
 from sdgate.config import Settings, is_loopback
-from sdgate.jobs import JobRunner
+from sdgate.generation import GenerationService
+from sdgate.jobs import Dispatcher, JobRunner
 from sdgate.jobstore import JobStore, create_job_store
-from sdgate.keys import KeyStore
 from sdgate.metrics import Metrics
 from sdgate.storage import Storage, create_storage
 
@@ -31,22 +32,23 @@ def create_app(
     backend: Backend | None = None,
     storage: Storage | None = None,
     store: JobStore | None = None,
-    runner_class: type[JobRunner] = JobRunner,
+    dispatcher: Dispatcher | None = None,
 ) -> FastAPI:
     """Build the app. ``backend``, ``storage`` and the job ``store`` default to what the settings name.
 
-    ``runner_class`` runs the jobs: in this process by default; the AWS Lambda handler passes one that
-    hands each job to a worker invocation.
+    ``dispatcher`` says where jobs run: in this process by default; the AWS Lambda handler passes one
+    that hands each job to a worker invocation.
     """
     # 1. collaborators
     backend = backend or create_backend(settings)
     storage = storage or create_storage(settings)
     store = store or create_job_store(settings)
     metrics = Metrics()
-    metrics.watch_backend(backend.stats, backend.ready)
-    jobs = runner_class(settings, backend, storage, store, metrics)
-    guard = Guard(settings, KeyStore(settings.data_dir / "keys.sqlite3"))
-    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard)
+    metrics.watch_backend(backend.stats, lambda: backend.state() is BackendState.ready)
+    jobs = JobRunner(settings, backend, storage, store, metrics, dispatcher)
+    guard = Guard(settings, KeyStore(settings.paths.keys_db))
+    service = GenerationService(settings, backend, jobs, guard)
+    ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard, service=service)
 
     # 2. lifecycle: the model loads in the background so that /healthz answers at once
     @asynccontextmanager
@@ -84,12 +86,8 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413s included
-    app.include_router(native.router)
-    app.include_router(health.router)
-    app.include_router(images.router)
-    app.include_router(metrics_route.router)
-    app.include_router(sagemaker.router)
-    app.include_router(text2image.router)
+    for router in (native, health, images, metrics_route, sagemaker, text2image):
+        app.include_router(router.router)
     return app
 
 

@@ -7,21 +7,25 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from sdgate.api.auth import Guard
+from sdgate.auth import Guard
 from sdgate.backends import Backend
 from sdgate.config import Settings
 from sdgate.errors import UnsupportedMediaType
+from sdgate.generation import GenerationService
 from sdgate.jobs import JobRunner
 from sdgate.storage import Storage
 
 
 @dataclass
 class AppContext:
+    """The app's collaborators. Routes generate through ``service``; they read and cancel jobs through ``jobs``."""
+
     settings: Settings
     backend: Backend
     storage: Storage
     jobs: JobRunner
     guard: Guard
+    service: GenerationService
 
 
 # Dependencies are ``async def`` although they never await: FastAPI runs a plain ``def`` dependency

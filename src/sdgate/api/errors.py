@@ -1,49 +1,27 @@
-"""The one place where errors become HTTP responses.
+"""Where errors become HTTP responses: one translation, and a shape per dialect.
 
-Native routes answer ``{"error": {"type", "message", ...}}``; SageMaker routes answer in the shape
-SageMaker clients parse (``{"ErrorCode", "Message"}`` and the ``x-amzn-ErrorType`` header that botocore
-reads the code from, plus the same ``error`` object); the original design's ``/text2image`` routes add
-its Lambda's ``{"statusCode", "body"}``. Anything unexpected becomes an opaque 500 with an error id
-that is in the log.
+:func:`describe` turns any exception into a status, an sdgate error body (``{"error": {"type",
+"message", ...}}``) and headers; anything unexpected becomes an opaque 500 with an error id that is in
+the log. Each router then answers in its own dialect: its routes are a :class:`DialectRoute`
+subclass whose :meth:`~DialectRoute.shape` wraps that body (the SageMaker routes in SageMaker's
+shape, ``/text2image`` in its Lambda's). Nothing is chosen by path; what no route handles (an unknown
+path, a wrong method) gets the native shape from the app's handlers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sdgate.errors import SdgateError, internal_error_body
 
-_SAGEMAKER_PATHS = ("/invocations", "/endpoints/")
-# SageMaker's runtime maps model errors to 424 ModelError and validation to 400.
-_SAGEMAKER_STATUS = {415: 400, 422: 400, 500: 424, 502: 424}
-_SAGEMAKER_CODES = {
-    400: "ValidationError",
-    413: "ValidationError",
-    415: "ValidationError",
-    424: "ModelError",
-    429: "ThrottlingException",
-    503: "ServiceUnavailable",
-}
-
-
-def _respond(
-    request: Request, status: int, body: dict[str, Any], headers: dict[str, str] | None = None
-) -> JSONResponse:
-    path = request.url.path
-    if path.startswith(_SAGEMAKER_PATHS):
-        status = _SAGEMAKER_STATUS.get(status, status)
-        err = body.get("error", {})
-        code = _SAGEMAKER_CODES.get(status, "InternalFailure")
-        body = {"ErrorCode": code, "Message": err.get("message", ""), **body}
-        headers = {**(headers or {}), "x-amzn-ErrorType": code}
-    elif path == "/text2image":
-        body = {"statusCode": status, "body": body.get("error", {}).get("message", ""), **body}
-    return JSONResponse(body, status_code=status, headers=headers)
+ErrorParts = tuple[int, dict[str, Any], dict[str, str]]
 
 
 def _describe_validation_error(err: dict[str, Any]) -> tuple[str, str]:
@@ -61,40 +39,59 @@ def _describe_validation_error(err: dict[str, Any]) -> tuple[str, str]:
     return field, f"{field}: {msg}"
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(SdgateError)
-    async def _sdgate_error(request: Request, exc: SdgateError) -> JSONResponse:
-        return _respond(request, exc.status, exc.body(), exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+def describe(exc: Exception, request: Request) -> ErrorParts:
+    """Status, sdgate error body and headers for ``exc``."""
+    if isinstance(exc, SdgateError):
+        return exc.status, exc.body(), exc.headers
+    if isinstance(exc, RequestValidationError):
         errors = list(exc.errors())
         if any(e.get("type") == "json_invalid" for e in errors):
-            return _respond(
-                request,
-                400,
-                {"error": {"type": "malformed_request", "message": "the body is not valid JSON"}},
-            )
+            return 400, {"error": {"type": "malformed_request", "message": "the body is not valid JSON"}}, {}
         field, message = _describe_validation_error(errors[0]) if errors else ("body", "invalid request")
-        details = [_describe_validation_error(e)[1] for e in errors[1:5]]
         body: dict[str, Any] = {"error": {"type": "invalid_request", "message": message, "field": field}}
+        details = [_describe_validation_error(e)[1] for e in errors[1:5]]
         if details:
             body["error"]["details"] = details
-        return _respond(request, 422, body)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return 422, body, {}
+    if isinstance(exc, StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             exc.status_code, "http_error"
         )
-        return _respond(
-            request,
-            exc.status_code,
-            {"error": {"type": kind, "message": str(exc.detail)}},
-            dict(exc.headers or {}),
-        )
+        return exc.status_code, {"error": {"type": kind, "message": str(exc.detail)}}, dict(exc.headers or {})
+    status, body = internal_error_body(exc, f"{request.method} {request.url.path}")
+    return status, body, {}
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        status, body = internal_error_body(exc, f"{request.method} {request.url.path}")
-        return _respond(request, status, body)
+
+def native_shape(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+    """The native API's error: the sdgate body as it is."""
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class DialectRoute(APIRoute):
+    """A route that answers errors in its dialect's shape. Subclasses override :meth:`shape`."""
+
+    @staticmethod
+    def shape(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        return native_shape(status, body, headers)
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        shape = self.shape
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:  # what reaches a client, authentication and body limits included
+                return shape(*describe(exc, request))
+
+        return route
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """The native shape for everything no dialect route answered (unknown paths, methods, native routes)."""
+
+    async def handle(request: Request, exc: Exception) -> Response:
+        return native_shape(*describe(exc, request))
+
+    for kind in (SdgateError, RequestValidationError, StarletteHTTPException, Exception):
+        app.add_exception_handler(kind, handle)

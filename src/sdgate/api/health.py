@@ -8,6 +8,7 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
 from sdgate.api.context import Ctx
+from sdgate.backends import BackendState
 
 router = APIRouter(tags=["health"])
 
@@ -21,7 +22,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", responses={503: {"description": "model still loading or failed"}})
 async def readyz(ctx: Ctx) -> JSONResponse:
     """200 once the model is loaded and warmed up; 503 before, or if it failed to load."""
-    ready = ctx.backend.ready()
+    ready = ctx.backend.state() is BackendState.ready
     body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "model": ctx.backend.model_name,

@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse, Response
 
 from sdgate.api.context import Ctx
 from sdgate.errors import NotFound
-from sdgate.imaging import CONTENT_TYPES
+from sdgate.formats import CONTENT_TYPES
 from sdgate.storage import is_public_key
 from sdgate.storage.local import LocalStorage
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -18,6 +17,13 @@ _access = logging.getLogger("sdgate.access")
 
 
 class BodyLimit:
+    """Refuses request bodies over ``max_bytes`` with 413, while they are read.
+
+    The refusal is raised when the route reads the body (a ``Content-Length`` over the limit on the
+    first read, before any byte is taken), so that it reaches that route's error shape: an oversized
+    SageMaker request gets a SageMaker-shaped error.
+    """
+
     def __init__(self, app: ASGIApp, max_bytes: int):
         self.app = app
         self.max_bytes = max_bytes
@@ -26,50 +32,32 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = 0
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.max_bytes
+                    declared = int(value)
                 except ValueError:
-                    too_big = False
-                if too_big:
-                    await self._reject(send)
-                    return
+                    declared = 0
         seen = 0
 
         async def limited_receive() -> Message:
             nonlocal seen
+            if declared > self.max_bytes:
+                raise self._too_large()
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
-                    # An HTTPException passes through FastAPI's body parsing unchanged (other
-                    # exceptions there become a generic 400) and reaches the error handlers.
-                    raise HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
+                    raise self._too_large()
             return message
 
         await self.app(scope, limited_receive, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "payload_too_large",
-                    "message": f"request body exceeds {self.max_bytes} bytes",
-                }
-            }
-        ).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+    def _too_large(self) -> HTTPException:
+        # An HTTPException passes through FastAPI's body parsing unchanged (other exceptions there
+        # become a generic 400) and reaches the route's error shape.
+        return HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
 
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

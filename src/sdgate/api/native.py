@@ -8,21 +8,19 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from sdgate.api.auth import AUTH_RESPONSES
+from sdgate.api.access import AUTH_RESPONSES, caller_of
 from sdgate.api.context import Ctx, JsonBody, absolute_url
-from sdgate.errors import error_of_type
-from sdgate.jobs import LiveJob, request_hash
-from sdgate.jobstore import JobRecord
+from sdgate.backends import BackendState
+from sdgate.jobs import request_hash
 from sdgate.schemas import (
     SCHEDULER_NAMES,
     ErrorBody,
     GenerationRequest,
     GenerationResponse,
     JobList,
-    JobStatus,
     ModelCard,
     ModelList,
-    resolve_request,
+    Surface,
 )
 
 router = APIRouter(prefix="/v1", tags=["generations"], dependencies=[JsonBody])
@@ -38,8 +36,7 @@ _ASYNC: dict[int | str, dict[str, Any]] = {
 
 def owner_of(request: Request) -> str | None:
     """The API key's owner once auth is on; None (everything visible) without auth."""
-    owner: str | None = getattr(request.state, "owner", None)
-    return owner
+    return caller_of(request).owner
 
 
 def _public(request: Request, resp: GenerationResponse) -> GenerationResponse:
@@ -66,36 +63,24 @@ async def create_generation(
 ) -> Any:
     """Generate images from a prompt; answers with the URLs of the stored images.
 
-    Steps: validate (before any model work) → record and queue the job → answer when it ends
-    (sync), at once with 202 (``Prefer: respond-async``), or with 202 when it outlasts
+    Steps: validate (before any model work) → charge the key → record and queue the job → answer
+    when it ends (sync), at once with 202 (``Prefer: respond-async``), or with 202 when it outlasts
     ``SDGATE_SYNC_TIMEOUT``.
     """
-    # 1. check inputs
     want_async = prefer is not None and "respond-async" in prefer.lower()
-    if not want_async:
-        await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
-    params = resolve_request(body, ctx.settings, ctx.backend.defaults())
-    ctx.jobs.check_webhook(body.webhook_url)
-    ctx.guard.charge_images(request.state.api_key, params.num_images)
-    # 2. record and queue
-    job, _created = ctx.jobs.submit(
-        params,
-        owner=owner_of(request),
+    generation = await ctx.service.generate(
+        [body],
+        surface=Surface.native,
+        caller=caller_of(request),
+        wait_s=None if want_async else ctx.settings.sync_timeout,
         idempotency_key=idempotency_key,
         body_hash=request_hash(body.model_dump(mode="json")),
         webhook_url=body.webhook_url,
-        base_url=str(request.base_url),
     )
-    # 3. answer
-    if want_async:
-        return _accepted(request, ctx.jobs.view(job))
-    if not await ctx.jobs.wait(job, ctx.settings.sync_timeout):
-        return _accepted(request, ctx.jobs.view(job))
-    view = ctx.jobs.view(job)
-    if view.status != JobStatus.succeeded:
-        assert view.error is not None
-        err = error_of_type(view.error.type, view.error.message, headers={"X-Job-Id": view.id})
-        raise err
+    view = ctx.jobs.view(generation.job)
+    if want_async or not generation.finished:
+        return _accepted(request, view)
+    generation.raise_for_failure()
     return _public(request, view)
 
 
@@ -110,8 +95,7 @@ async def list_jobs(
     data = [_public(request, j) for j in ctx.jobs.list_jobs(owner=owner_of(request), limit=limit, before=before)]
     next_before = None
     if len(data) == limit:
-        last = ctx.jobs.find(data[-1].id)
-        next_before = (last.record if isinstance(last, LiveJob) else last).created
+        next_before = ctx.jobs.find(data[-1].id).record.created
     return JobList(data=data, next_before=next_before)
 
 
@@ -141,9 +125,6 @@ async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingRespon
 
     async def stream() -> AsyncIterator[bytes]:
         async for event in ctx.jobs.events(job_id, owner):
-            if not event.name:
-                yield b": keep-alive\n\n"
-                continue
             for img in event.data.get("images", []):
                 img["url"] = absolute_url(request, img["url"])
             yield event.encode()
@@ -158,23 +139,18 @@ async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingRespon
 @router.get("/models", response_model=ModelList, responses=AUTH_RESPONSES, tags=["models"])
 async def list_models(ctx: Ctx) -> ModelList:
     """The model this server runs, with the defaults a request gets when it leaves fields out."""
-    d, s = ctx.backend.defaults(), ctx.settings
-    # The same precedence as resolve_request: request, then SDGATE_DEFAULT_*, then the model's own.
-    guidance = s.default_guidance_scale if s.default_guidance_scale is not None else d.guidance_scale
+    d = ctx.service.defaults()
     return ModelList(
         data=[
             ModelCard(
                 id=ctx.backend.model_name,
                 backend=ctx.backend.name,
-                ready=ctx.backend.ready(),
-                default_width=s.default_width or d.width,
-                default_height=s.default_height or d.height,
-                default_steps=s.default_steps or d.num_inference_steps,
-                default_guidance_scale=guidance,
+                ready=ctx.backend.state() is BackendState.ready,
+                default_width=d.width,
+                default_height=d.height,
+                default_steps=d.num_inference_steps,
+                default_guidance_scale=d.guidance_scale,
                 schedulers=list(SCHEDULER_NAMES),
             )
         ]
     )
-
-
-__all__ = ["JobRecord", "router"]

@@ -19,14 +19,45 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
+from sdgate.api.access import caller_of
 from sdgate.api.context import AppContext, Ctx
-from sdgate.backends import BackendResult
-from sdgate.errors import Busy, InvalidRequest, SdgateError
+from sdgate.api.errors import DialectRoute
+from sdgate.backends import BackendState
+from sdgate.errors import BackendError, GenerationTimeout, InvalidRequest
+from sdgate.jobs import Job
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, TEXT, Invocation, parse_invocation, render_image, render_response
 from sdgate.jumpstart import generation_requests as jumpstart_requests
-from sdgate.schemas import GenerationParams, resolve_request
+from sdgate.schemas import Surface
 
-router = APIRouter(tags=["sagemaker"])
+# SageMaker's runtime maps model errors to 424 ModelError and validation to 400.
+_SAGEMAKER_STATUS = {415: 400, 422: 400, 500: 424, 502: 424, 504: 424}
+_SAGEMAKER_CODES = {
+    400: "ValidationError",
+    401: "UnrecognizedClientException",
+    403: "AccessDeniedException",
+    404: "ValidationError",
+    409: "ValidationError",
+    413: "ValidationError",
+    424: "ModelError",
+    429: "ThrottlingException",
+    503: "ServiceUnavailable",
+}
+
+
+class SageMakerRoute(DialectRoute):
+    """Errors in the shape SageMaker clients parse: ``{"ErrorCode", "Message"}`` and the
+    ``x-amzn-ErrorType`` header botocore reads the code from, plus the same ``error`` object."""
+
+    @staticmethod
+    def shape(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        status = _SAGEMAKER_STATUS.get(status, status)
+        code = _SAGEMAKER_CODES.get(status, "InternalFailure")
+        message = body.get("error", {}).get("message", "")
+        wrapped = {"ErrorCode": code, "Message": message, **body}
+        return JSONResponse(wrapped, status_code=status, headers={**headers, "x-amzn-ErrorType": code})
+
+
+router = APIRouter(tags=["sagemaker"], route_class=SageMakerRoute)
 
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
@@ -60,7 +91,7 @@ _RESPONSES: dict[int | str, dict[str, Any]] = {
 @router.get("/ping", responses={503: {"description": "model still loading or failed"}})
 async def ping(ctx: Ctx) -> JSONResponse:
     """SageMaker's health check: 200 once the model is loaded and warmed up."""
-    if ctx.backend.ready():
+    if ctx.backend.state() is BackendState.ready:
         return JSONResponse({"status": "Healthy"})
     return JSONResponse({"status": "Unhealthy", "detail": ctx.backend.status_detail()}, status_code=503)
 
@@ -78,16 +109,11 @@ async def runtime_invocations(endpoint_name: str, request: Request, ctx: Ctx) ->
 
 
 async def _invoke(request: Request, ctx: AppContext) -> Response:
-    """Steps: check inputs → wait for the model → generate every prompt → answer with the images."""
-    # 1. check inputs, before any model work
+    """Steps: decode the JumpStart body → the generation service, waiting → JumpStart's answer."""
+    # 1. decode, before any model work
     invocation = parse_invocation(
         await request.body(), request.headers.get("content-type"), request.headers.get("accept")
     )
-    # These calls skip the job queue (nothing is recorded or stored), so they get its bound here.
-    if int(ctx.backend.stats().get("queue_depth", 0)) >= ctx.settings.queue_size:
-        raise Busy(
-            f"the model's queue is full ({ctx.settings.queue_size} waiting); retry later", headers={"Retry-After": "5"}
-        )
     payload = invocation.payload
     total = len(payload.prompts) * payload.num_images_per_prompt
     if total > ctx.settings.max_images:
@@ -97,32 +123,27 @@ async def _invoke(request: Request, ctx: AppContext) -> Response:
         raise InvalidRequest(
             f"{what}; the limit is {ctx.settings.max_images} images per request", field="num_images_per_prompt"
         )
-    await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
-    defaults = ctx.backend.defaults()  # known once the model is loaded
-    params = [resolve_request(r, ctx.settings, defaults) for r in jumpstart_requests(payload)]
-    # 2. generate: one backend call per prompt; the engine batches them into shared pipeline calls
-    results = await _generate_all(ctx, params)
-    # 3. answer (RGB lists of a large image take a while to serialise: off the event loop)
-    content = await asyncio.to_thread(_render, invocation, params, results, ctx.backend.model_name)
+    # 2. generate: a job per prompt (the engine batches them into shared pipeline calls), charged as one request
+    generation = await ctx.service.generate(
+        jumpstart_requests(payload),
+        surface=Surface.sagemaker,
+        caller=caller_of(request),
+        wait_s=ctx.settings.backend_timeout_s,
+    )
+    if not generation.finished:
+        pending = ", ".join(j.id for j in generation.jobs if not j.status.is_terminal())
+        raise GenerationTimeout(
+            f"the generation did not finish within {ctx.settings.backend_timeout_s:g}s; it goes on as job(s) {pending}"
+        )
+    generation.raise_for_failure()
+    # 3. answer with the stored images (RGB lists of a large image take a while to serialise: off the loop)
+    content = await asyncio.to_thread(_render, invocation, generation.jobs)
     return Response(content, media_type=JSON, headers={"X-Amzn-Invoked-Production-Variant": "AllTraffic"})
 
 
-async def _generate_all(ctx: AppContext, params: list[GenerationParams]) -> list[BackendResult]:
-    if len(params) == 1:
-        return [await ctx.backend.generate(params[0])]
-    try:
-        # A TaskGroup cancels the other prompts when one fails, so the device is not spent on them.
-        async with asyncio.TaskGroup() as group:
-            tasks = [group.create_task(ctx.backend.generate(p)) for p in params]
-    except* SdgateError as failed:
-        raise failed.exceptions[0] from None
-    return [t.result() for t in tasks]
-
-
-def _render(invocation: Invocation, params: list[GenerationParams], results: list[BackendResult], model: str) -> bytes:
-    images = [
-        render_image(img, p, invocation.encoding, model)
-        for p, result in zip(params, results, strict=True)
-        for img in result.images
-    ]
+def _render(invocation: Invocation, jobs: list[Job]) -> bytes:
+    if any(len(job.outputs) != len(job.record.images) for job in jobs):
+        # Only where jobs run in another process (AWS Lambda) are their images not in memory here.
+        raise BackendError("the images were made by another process; fetch them from GET /v1/jobs/{id}")
+    images = [render_image(out.data, out.pixels, invocation.encoding) for job in jobs for out in job.outputs]
     return render_response(invocation, images)

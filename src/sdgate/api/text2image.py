@@ -14,16 +14,26 @@ import html
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from sdgate.api.auth import AUTH_RESPONSES
+from sdgate.api.access import AUTH_RESPONSES, caller_of
 from sdgate.api.context import AppContext, Ctx, JsonBody, absolute_url
-from sdgate.api.native import owner_of
-from sdgate.errors import InvalidRequest, error_of_type
-from sdgate.schemas import ErrorBody, GenerationRequest, GenerationResponse, JobStatus, resolve_request
+from sdgate.api.errors import DialectRoute
+from sdgate.errors import InvalidRequest
+from sdgate.schemas import ErrorBody, GenerationRequest, GenerationResponse, JobStatus, Surface, check_prompt
 
-router = APIRouter(tags=["text2image"])
+
+class Text2ImageRoute(DialectRoute):
+    """Errors in the original Lambda's shape too: ``statusCode`` is the HTTP status, ``body`` the message."""
+
+    @staticmethod
+    def shape(status: int, body: dict[str, Any], headers: dict[str, str]) -> Response:
+        wrapped = {"statusCode": status, "body": body.get("error", {}).get("message", ""), **body}
+        return JSONResponse(wrapped, status_code=status, headers=headers)
+
+
+router = APIRouter(tags=["text2image"], route_class=Text2ImageRoute)
 
 
 class Text2ImageRequest(BaseModel):
@@ -36,9 +46,7 @@ class Text2ImageRequest(BaseModel):
     @field_validator("text")
     @classmethod
     def _not_blank(cls, v: str) -> str:
-        if not v.strip():
-            raise ValueError("text must not be empty")
-        return v
+        return check_prompt(v, "text")
 
 
 class Text2ImageResponse(BaseModel):
@@ -112,20 +120,18 @@ async def text2image_page(
 
 
 async def _generate(prompt: str, request: Request, ctx: AppContext) -> GenerationResponse:
-    """Steps: check the prompt → wait for the model → run the job to its end → the job, or its error.
+    """Steps: the prompt as a request → the generation service, waiting → the job, or its error.
 
     A job that outlasts the backend timeout is answered as running (the caller says 202), never dropped.
     """
-    await ctx.jobs.wait_ready(timeout=ctx.settings.backend_timeout_s)
-    params = resolve_request(GenerationRequest(prompt=prompt), ctx.settings, ctx.backend.defaults())
-    ctx.guard.charge_images(getattr(request.state, "api_key", None), params.num_images)
-    job, _created = ctx.jobs.submit(params, owner=owner_of(request))
-    await ctx.jobs.wait(job, ctx.settings.backend_timeout_s)
-    view = ctx.jobs.view(job)
-    if view.status in (JobStatus.failed, JobStatus.canceled):
-        assert view.error is not None
-        raise error_of_type(view.error.type, view.error.message, headers={"X-Job-Id": view.id})
-    return view
+    generation = await ctx.service.generate(
+        [GenerationRequest(prompt=prompt)],
+        surface=Surface.text2image,
+        caller=caller_of(request),
+        wait_s=ctx.settings.backend_timeout_s,
+    )
+    generation.raise_for_failure()
+    return ctx.jobs.view(generation.job)
 
 
 # The page shows only what it was given: no scripts, images from anywhere (CDN, S3, this server).

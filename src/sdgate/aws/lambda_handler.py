@@ -6,15 +6,15 @@ storage ``s3`` with URLs through the CloudFront domain, job store ``dynamodb`` â
 Lambda by Mangum. One function takes two kinds of events:
 
 - API Gateway proxy events, REST API (v1) and HTTP API (v2) shapes: answered by the app;
-- worker events ``{"sdgate_job": "<id>"}``: the job is run to its end (see :mod:`sdgate.aws.runner`
-  for why jobs run in a second invocation).
+- worker events ``{"sdgate_job": "<id>"}``: the job is run to its end (see :mod:`sdgate.jobs.dispatch`
+  for why jobs run in a second invocation), and ``{"sdgate_webhook": "<id>"}``: a job's webhook is delivered.
 
 Per container, the app is built and started once, on one event loop kept for its lifetime (Mangum
 alone would run the app's startup and shutdown around every event). Jobs belong to the API Gateway
 key that made them, when the REST API requires keys: another key's job is a 404.
 
-The package holds the ``aws`` and ``lambda`` extras only: no torch, no diffusers (they would not
-fit, and the gateway never needs them).
+The package holds sdgate with its ``aws`` extra only (boto3 and Mangum): no torch, no diffusers
+(they would not fit, and the gateway never needs them).
 """
 
 from __future__ import annotations
@@ -30,9 +30,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from sdgate import logs
 from sdgate.api import create_app
-from sdgate.api.auth import OWNER_SCOPE_KEY
-from sdgate.aws.runner import WORKER_EVENT_KEY, LambdaJobRunner
+from sdgate.api.access import OWNER_SCOPE_KEY
 from sdgate.config import Settings
+from sdgate.jobs import JobRunner, LambdaDispatcher
+from sdgate.jobs.dispatch import WEBHOOK_EVENT_KEY, WORKER_EVENT_KEY
 
 __all__ = ["LambdaGateway", "handler"]
 
@@ -55,16 +56,18 @@ class _GatewayOwner:
 class LambdaGateway:
     """The app of one Lambda container, and how it answers each event."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, dispatcher: LambdaDispatcher | None = None):
         # 1. one event loop for the container's lifetime: the app's clients and state live on it
         self.settings = settings
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)
-        # 2. the app, with a runner that hands jobs to worker invocations
-        self.app: FastAPI = create_app(settings, runner_class=LambdaJobRunner)
-        runner = self.app.state.ctx.jobs
-        assert isinstance(runner, LambdaJobRunner)
-        self.runner = runner
+        # 2. the app, with a dispatcher that hands jobs to worker invocations
+        if dispatcher is None:
+            if not settings.worker_function:
+                raise ValueError("jobs on AWS Lambda need SDGATE_WORKER_FUNCTION (the worker function's name)")
+            dispatcher = LambdaDispatcher(settings.worker_function)
+        self.app: FastAPI = create_app(settings, dispatcher=dispatcher)
+        self.runner: JobRunner = self.app.state.ctx.jobs
         # 3. its startup, once (storage check, backend client); never its shutdown: Lambda has none
         self._lifespan: AbstractAsyncContextManager[Any] = self.app.router.lifespan_context(self.app)
         self.loop.run_until_complete(self._lifespan.__aenter__())
@@ -85,8 +88,12 @@ class LambdaGateway:
         asyncio.set_event_loop(self.loop)
         if WORKER_EVENT_KEY in event:
             job_id = str(event[WORKER_EVENT_KEY])
-            record = self.loop.run_until_complete(self.runner.run_job(job_id))
+            record = self.loop.run_until_complete(self.runner.run_claimed(job_id))
             return {"job": job_id, "status": record.status.value if record else "skipped"}
+        if WEBHOOK_EVENT_KEY in event:
+            job_id = str(event[WEBHOOK_EVENT_KEY])
+            self.loop.run_until_complete(self.runner.deliver_webhook(job_id))
+            return {"job": job_id, "webhook": "done"}
         remaining = getattr(context, "get_remaining_time_in_millis", None)
         self.runner.set_deadline(remaining() if callable(remaining) else None)
         try:

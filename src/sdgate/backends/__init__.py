@@ -6,22 +6,20 @@ Every backend implements the small :class:`Backend` protocol; the rest of sdgate
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sdgate.config import Settings
-from sdgate.schemas import GeneratedImage, GenerationParams, ModelDefaults
-
-ProgressFn = Callable[[int, int], None]
+from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
 
 
-@dataclass
-class BackendResult:
-    images: list[GeneratedImage]
-    queue_ms: float = 0.0
-    inference_ms: float = 0.0
-    batch_images: int = 1  # images in the pipeline call that made these (batching shows as > 1)
+class BackendState(StrEnum):
+    """Where a backend is: loading (or connecting), ready, failed for good, or closed."""
+
+    loading = "loading"
+    ready = "ready"
+    failed = "failed"
+    closed = "closed"
 
 
 class Backend(Protocol):
@@ -36,7 +34,7 @@ class Backend(Protocol):
 
     async def close(self) -> None: ...
 
-    def ready(self) -> bool: ...
+    def state(self) -> BackendState: ...
 
     def status_detail(self) -> str:
         """One line for /readyz: why it is (not) ready."""
@@ -49,7 +47,7 @@ class Backend(Protocol):
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> BackendResult:
+    ) -> GenerationResult:
         """Generate ``params.num_images`` images, one per seed; raise an :class:`SdgateError` on failure."""
         ...
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 
+from sdgate.backends import BackendState
 from sdgate.backends.remote import EndpointRefused, RemoteBackend
 from sdgate.config import Settings
 from sdgate.errors import BackendError
@@ -59,8 +60,8 @@ class HttpBackend(RemoteBackend):
                 await self._probe
         await self._client.aclose()
 
-    def ready(self) -> bool:
-        return self._ready
+    def state(self) -> BackendState:
+        return BackendState.ready if self._ready else BackendState.loading
 
     def status_detail(self) -> str:
         return self._detail

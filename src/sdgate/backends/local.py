@@ -6,10 +6,10 @@ import asyncio
 import threading
 from typing import Any
 
-from sdgate.backends import BackendResult, ProgressFn
+from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.engine.runner import Engine
-from sdgate.schemas import GenerationParams, ModelDefaults
+from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
 
 
 class LocalBackend:
@@ -27,13 +27,13 @@ class LocalBackend:
     async def close(self) -> None:
         await asyncio.to_thread(self.engine.close)
 
-    def ready(self) -> bool:
-        return self.engine.state == "ready"
+    def state(self) -> BackendState:
+        return self.engine.state
 
     def status_detail(self) -> str:
-        if self.engine.state == "failed":
+        if self.engine.state is BackendState.failed:
             return f"model failed to load: {self.engine.load_error}"
-        return f"model {self.model_name} {self.engine.state} on {self.engine.device}"
+        return f"model {self.model_name} {self.engine.state.value} on {self.engine.device}"
 
     def defaults(self) -> ModelDefaults:
         return self.engine.defaults
@@ -43,21 +43,15 @@ class LocalBackend:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> BackendResult:
+    ) -> GenerationResult:
         cancel = cancel or threading.Event()
         future = self.engine.submit(params, progress, cancel)
         try:
-            result = await asyncio.wrap_future(future)
+            return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
-            # The caller went away (client disconnected): stop spending the device on it.
+            # The job's task was canceled (shutdown): stop spending the device on it.
             cancel.set()
             raise
-        return BackendResult(
-            images=result.images,
-            queue_ms=result.queue_ms,
-            inference_ms=result.inference_ms,
-            batch_images=result.batch_images,
-        )
 
     def stats(self) -> dict[str, Any]:
         return {"queue_depth": self.engine.queue_depth(), **self.engine.stats.snapshot()}

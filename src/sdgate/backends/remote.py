@@ -22,11 +22,10 @@ import threading
 import time
 from typing import Any
 
-from sdgate.backends import BackendResult, ProgressFn
 from sdgate.config import Settings
 from sdgate.errors import BackendError, Busy, Canceled, NotReady, SdgateError
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, ResponseError, parse_images, request_payload
-from sdgate.schemas import GeneratedImage, GenerationParams, ModelDefaults
+from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, ModelDefaults, ProgressFn
 
 log = logging.getLogger("sdgate.backends")
 
@@ -88,7 +87,7 @@ class RemoteBackend:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> BackendResult:
+    ) -> GenerationResult:
         """One call per image, all at once; the first failure cancels the rest."""
         cancel = cancel or threading.Event()
         self._count("requests")
@@ -105,7 +104,7 @@ class RemoteBackend:
         self._count("images", len(images))
         if progress is not None:  # a remote endpoint reports no steps: only the end
             progress(params.num_inference_steps, params.num_inference_steps)
-        return BackendResult(images=images, inference_ms=(time.perf_counter() - t0) * 1000)
+        return GenerationResult(images=images, inference_ms=(time.perf_counter() - t0) * 1000)
 
     # -- one image ------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
+from sdgate.backends import BackendState
 from sdgate.backends.remote import EndpointRefused, RemoteBackend
 from sdgate.config import Settings
 from sdgate.errors import BackendError
@@ -76,8 +77,10 @@ class SageMakerBackend(RemoteBackend):
         if self._client is not None:
             self._client.close()
 
-    def ready(self) -> bool:
-        return self._client is not None
+    def state(self) -> BackendState:
+        if self._failure:
+            return BackendState.failed
+        return BackendState.loading if self._client is None else BackendState.ready
 
     def status_detail(self) -> str:
         if self._failure:

@@ -153,8 +153,10 @@ def write_tokenizer_files(directory: Path) -> dict[str, int]:
 def build_components(seed: int) -> dict[str, Any]:
     """Tokenizer, text encoder, UNet, VAE and scheduler, with fresh weights from ``seed``."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTokenizer
+
+    from sdgate.engine.builtin import clip_text_encoder, sd_vae
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as tmp:
@@ -162,20 +164,7 @@ def build_components(seed: int) -> dict[str, Any]:
         tokenizer = CLIPTokenizer(
             str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=MAX_TOKENS
         )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=128,
-            intermediate_size=256,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
-            projection_dim=128,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
+    text_encoder = clip_text_encoder(vocab, hidden=128, layers=3, heads=4, max_tokens=MAX_TOKENS)
     unet = UNet2DConditionModel(
         sample_size=NATIVE_SIZE // 8,
         in_channels=4,
@@ -193,14 +182,8 @@ def build_components(seed: int) -> dict[str, Any]:
         addition_embed_type="text",
         addition_embed_type_num_heads=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(16, 32, 32, 64),  # four blocks: three 2x downsamples, the standard 8x
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
+    vae = sd_vae(
+        (16, 32, 32, 64),
         # Four channels per group, as in SD's VAE: a group norm over fewer channels erases flat colours.
         norm_num_groups=4,
         # No attention: the VAE is then purely convolutional, so training on crops is exact.
@@ -249,6 +232,52 @@ def _lr(step: int, total: int | None, peak: float, warmup: int = 100) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def _optimise(opt: Any, loss: Any, params: Any) -> None:
+    """One optimiser step on ``loss``, with the gradients of ``params`` clipped to norm 1."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+
+
+@dataclass
+class _Meter:
+    """A stage's loss as a running average, kept in the report's history and logged every 50 steps."""
+
+    stage: str
+    steps: int
+    history: list[tuple[int, float]]
+    log: LogFn
+    metric: str = "mse"
+    digits: int = 5
+    running: float = 0.0
+    start: float = field(default_factory=time.perf_counter)
+    cpu_start: float = field(default_factory=time.process_time)
+
+    def update(self, step: int, value: float) -> None:
+        self.running = value if step == 0 else 0.98 * self.running + 0.02 * value
+        if step % 50 == 0 or step == self.steps - 1:
+            self.history.append((step, self.running))
+            shown = f"{self.running:.{self.digits}f}"
+            self.log(f"{self.stage} step {step}/{self.steps} {self.metric} {shown} ({self.seconds:.0f}s)")
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.start
+
+    @property
+    def cpu_seconds(self) -> float:
+        return time.process_time() - self.cpu_start
+
+    def report_to(self, report: TrainReport) -> None:
+        """The stage's loss and times into the report's ``<stage>_loss``, ``_seconds`` and ``_cpu_seconds``."""
+        setattr(report, f"{self.stage}_loss", self.running)
+        setattr(report, f"{self.stage}_seconds", self.seconds)
+        setattr(report, f"{self.stage}_cpu_seconds", self.cpu_seconds)
+
+
 # -- 2. VAE ---------------------------------------------------------------------------------------
 
 
@@ -259,8 +288,7 @@ def train_vae(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> No
     rng = random.Random(cfg.seed * 1_000_003 + 1)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     vae.train()
-    history = report.history.setdefault("vae", [])
-    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    meter = _Meter("vae", cfg.vae_steps, report.history.setdefault("vae", []), log)
     for step in range(cfg.vae_steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.vae_steps, cfg.vae_lr)
@@ -270,17 +298,9 @@ def train_vae(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn) -> No
         mse = torch.nn.functional.mse_loss(recon, x)
         kl = posterior.kl().mean() / x[0].numel()
         loss = mse + 1e-4 * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        opt.step()
-        running = mse.item() if step == 0 else 0.98 * running + 0.02 * mse.item()
-        if step % 50 == 0 or step == cfg.vae_steps - 1:
-            history.append((step, running))
-            log(f"vae step {step}/{cfg.vae_steps} mse {running:.5f} ({time.perf_counter() - start:.0f}s)")
-    report.vae_loss = running
-    report.vae_seconds = time.perf_counter() - start
-    report.vae_cpu_seconds = time.process_time() - cpu_start
+        _optimise(opt, loss, vae.parameters())
+        meter.update(step, mse.item())
+    meter.report_to(report)
     vae.eval().requires_grad_(False)
 
 
@@ -296,8 +316,7 @@ def finetune_decoder(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn
         p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=cfg.decoder_lr, weight_decay=0.0)
     vae.decoder.train()
-    history = report.history.setdefault("decoder", [])
-    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    meter = _Meter("decoder", cfg.decoder_steps, report.history.setdefault("decoder", []), log)
     for step in range(cfg.decoder_steps):
         for group in opt.param_groups:
             group["lr"] = _lr(step, cfg.decoder_steps, cfg.decoder_lr)
@@ -305,17 +324,9 @@ def finetune_decoder(vae: Any, cfg: TrainConfig, report: TrainReport, log: LogFn
         with torch.no_grad():
             latents = vae.encode(x).latent_dist.sample(generator=gen)
         mse = torch.nn.functional.mse_loss(vae.decode(latents).sample, x)
-        opt.zero_grad(set_to_none=True)
-        mse.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        running = mse.item() if step == 0 else 0.98 * running + 0.02 * mse.item()
-        if step % 50 == 0 or step == cfg.decoder_steps - 1:
-            history.append((step, running))
-            log(f"decoder step {step}/{cfg.decoder_steps} mse {running:.5f} ({time.perf_counter() - start:.0f}s)")
-    report.decoder_loss = running
-    report.decoder_seconds = time.perf_counter() - start
-    report.decoder_cpu_seconds = time.process_time() - cpu_start
+        _optimise(opt, mse, params)
+        meter.update(step, mse.item())
+    meter.report_to(report)
     vae.eval().requires_grad_(False)
 
 
@@ -398,8 +409,7 @@ def train_denoiser(
     }
     text_encoder.train()
     unet.train()
-    history = report.history.setdefault("unet", [])
-    start, cpu_start, running = time.perf_counter(), time.process_time(), 0.0
+    meter = _Meter("unet", cfg.unet_steps, report.history.setdefault("unet", []), log, metric="loss", digits=4)
     for step in range(cfg.unet_steps):
         for group in opt.param_groups:
             # Constant after warm-up, with an EMA of the weights: nothing depends on the number of
@@ -418,10 +428,7 @@ def train_denoiser(
         target = noise_sched.get_velocity(latents, noise, t)
         per_sample = ((pred - target) ** 2).mean(dim=(1, 2, 3))
         loss = (per_sample * weights[t]).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _optimise(opt, loss, params)
         # EMA with a warm-up, so early weights fade quickly while the model is still poor.
         decay = min(cfg.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -431,23 +438,15 @@ def train_denoiser(
                         ema[name][k].lerp_(v, 1 - decay)
                     else:
                         ema[name][k].copy_(v)
-        value = per_sample.mean().item()
-        running = value if step == 0 else 0.98 * running + 0.02 * value
-        if step % 50 == 0 or step == cfg.unet_steps - 1:
-            history.append((step, running))
-            log(f"unet step {step}/{cfg.unet_steps} loss {running:.4f} ({time.perf_counter() - start:.0f}s)")
+        meter.update(step, per_sample.mean().item())
         if preview is not None and cfg.preview_every and (step + 1) % cfg.preview_every == 0:
             text_encoder.eval()
             unet.eval()
-            report.unet_loss = running
-            report.unet_seconds = time.perf_counter() - start
-            report.unet_cpu_seconds = time.process_time() - cpu_start
+            meter.report_to(report)
             preview(step + 1, ema)
             text_encoder.train()
             unet.train()
-    report.unet_loss = running
-    report.unet_seconds = time.perf_counter() - start
-    report.unet_cpu_seconds = time.process_time() - cpu_start
+    meter.report_to(report)
     text_encoder.eval()
     unet.eval()
     return ema

@@ -59,27 +59,14 @@ def _write_char_tokenizer_files(directory: Path) -> dict[str, int]:
 def build_tiny(target: Path, seed: int = 0) -> None:
     """Build the ``tiny`` pipeline from configs with weights from ``seed`` and save it to ``target``."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTokenizer
 
     with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng():
         torch.manual_seed(seed)
         vocab = _write_char_tokenizer_files(Path(tmp))
         tokenizer = CLIPTokenizer(str(Path(tmp) / "vocab.json"), str(Path(tmp) / "merges.txt"), model_max_length=77)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(vocab),
-                hidden_size=32,
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=32,
-                bos_token_id=vocab["<|startoftext|>"],
-                eos_token_id=vocab["<|endoftext|>"],
-                pad_token_id=vocab["<|endoftext|>"],
-            )
-        )
+        text_encoder = clip_text_encoder(vocab, hidden=32, layers=2, heads=2, max_tokens=77)
         unet = UNet2DConditionModel(
             sample_size=64,
             in_channels=4,
@@ -92,20 +79,47 @@ def build_tiny(target: Path, seed: int = 0) -> None:
             attention_head_dim=8,
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(8, 16, 32, 32),  # four blocks: three 2x downsamples, the standard 8x
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            latent_channels=4,
-            layers_per_block=1,
-            norm_num_groups=8,
-            sample_size=512,
-        )
+        vae = sd_vae((8, 16, 32, 32), norm_num_groups=8, sample_size=512)
         pipe = sd_pipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet)
         pipe.save_pretrained(str(target), safe_serialization=True)
     (target / _MARKER).write_text(json.dumps({"name": "tiny", "version": _TINY_VERSION, "seed": seed}))
+
+
+def clip_text_encoder(vocab: dict[str, int], *, hidden: int, layers: int, heads: int, max_tokens: int) -> Any:
+    """A CLIP text encoder, fresh weights, for a tokenizer with ``vocab`` (its own start/end tokens)."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            max_position_embeddings=max_tokens,
+            projection_dim=hidden,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+
+
+def sd_vae(block_out_channels: tuple[int, int, int, int], **options: Any) -> Any:
+    """A VAE of Stable Diffusion's shape, fresh weights: four blocks (three 2x downsamples, the standard 8x)
+    and four latent channels; ``options`` are the rest of ``AutoencoderKL``'s arguments."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=block_out_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        **options,
+    )
 
 
 def sd_pipeline(*, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: Any = None) -> Any:

@@ -17,27 +17,18 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
-from sdgate.schemas import GeneratedImage, GenerationParams, ModelDefaults
+from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, ModelDefaults, ProgressFn
 
 log = logging.getLogger("sdgate.engine")
-
-ProgressFn = Callable[[int, int], None]
-
-
-@dataclass
-class EngineResult:
-    images: list[GeneratedImage]
-    queue_ms: float
-    inference_ms: float
-    batch_images: int
 
 
 @dataclass
 class EngineTask:
     params: GenerationParams
-    future: Future[EngineResult]
+    future: Future[GenerationResult]
     progress: ProgressFn | None
     cancel: threading.Event
     enqueued: float = field(default_factory=time.perf_counter)
@@ -85,7 +76,7 @@ class Engine:
         self._last_batch_key: tuple[Any, ...] | None = None
         self._last_call_s = 0.0
         self.stats = EngineStats()
-        self.state = "loading"  # loading | ready | failed | closed
+        self.state = BackendState.loading
         self.load_error: str | None = None
         self.model_name = settings.model
         self.defaults = ModelDefaults()
@@ -100,7 +91,7 @@ class Engine:
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
-        return self.state == "ready"
+        return self.state is BackendState.ready
 
     def close(self, timeout: float = 30.0) -> None:
         with self._cond:
@@ -109,7 +100,7 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout)
         self._fail_pending(NotReady("the server is shutting down"))
-        self.state = "closed"
+        self.state = BackendState.closed
 
     # -- submission -----------------------------------------------------------------------------
 
@@ -118,11 +109,11 @@ class Engine:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
-    ) -> Future[EngineResult]:
+    ) -> Future[GenerationResult]:
         """Queue a generation; the future resolves with the images or the error. Thread-safe."""
         task = EngineTask(params, Future(), progress, cancel or threading.Event())
         with self._cond:
-            if self._closing or self.state == "failed":
+            if self._closing or self.state is BackendState.failed:
                 task.future.set_exception(NotReady(f"the model is not available: {self.load_error or 'closing'}"))
                 return task.future
             self._pending.append(task)
@@ -142,7 +133,7 @@ class Engine:
             self.settings.model,
             device=self.settings.device,
             dtype=self.settings.dtype,
-            models_dir=self.settings.models_dir,
+            models_dir=self.settings.paths.models,
             single_file_config=self.settings.single_file_config,
             channels_last=self.settings.channels_last,
             compile_unet=self.settings.compile,
@@ -168,7 +159,7 @@ class Engine:
         except Exception as e:
             log.error("model load failed: %s", e, exc_info=not isinstance(e, ImportError))
             self.load_error = str(e)
-            self.state = "failed"
+            self.state = BackendState.failed
             self._ready.set()
             self._fail_pending(NotReady(f"the model could not be loaded: {e}"))
             return
@@ -198,7 +189,7 @@ class Engine:
                 log.info("warm-up took %.0f ms", (time.perf_counter() - t0) * 1000)
             except Exception:
                 log.warning("warm-up generation failed", exc_info=True)
-        self.state = "ready"
+        self.state = BackendState.ready
         self._ready.set()
         # 3. serve batches until closed
         while True:
@@ -368,7 +359,7 @@ class Engine:
                 t.future.set_exception(Canceled("the job was canceled"))
                 continue
             t.future.set_result(
-                EngineResult(
+                GenerationResult(
                     images=mine,
                     queue_ms=(start - t.enqueued) * 1000,
                     inference_ms=inference_ms,

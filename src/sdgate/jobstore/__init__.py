@@ -24,4 +24,4 @@ def create_job_store(settings: Settings) -> JobStore:
 
         assert settings.dynamodb_table, "Settings checks that job store dynamodb names a table"
         return DynamoJobStore(settings.dynamodb_table, ttl_s=settings.retention_s)
-    return SqliteJobStore(settings.data_dir / "jobs.sqlite3")
+    return SqliteJobStore(settings.paths.jobs_db)

@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
-from sdgate.schemas import JobStatus
+from pydantic import BaseModel, Field
+
+from sdgate.schemas import ErrorInfo, GenerationParams, JobStatus, StoredImage, Surface, Timings, WebhookState
 
 
-@dataclass
-class JobRecord:
-    """Everything that must survive a restart."""
+class JobRecord(BaseModel):
+    """Everything about a job that must survive a restart: one JSON document in every store."""
 
     id: str
     status: JobStatus
     created: float
-    params: dict[str, Any]
+    params: GenerationParams
     model: str
+    surface: Surface | None = None  # None on records written before surfaces were recorded
     owner: str | None = None
     idempotency_key: str | None = None
     request_hash: str | None = None
@@ -26,10 +26,10 @@ class JobRecord:
     attempts: int = 0
     step: int = 0
     base_url: str | None = None
-    images: list[dict[str, Any]] = field(default_factory=list)
-    error: dict[str, Any] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
-    webhook: dict[str, Any] | None = None
+    images: list[StoredImage] = Field(default_factory=list)
+    error: ErrorInfo | None = None
+    timings: Timings | None = None  # set when the job ends
+    webhook: WebhookState | None = None
 
 
 class DuplicateJob(ValueError):
@@ -38,15 +38,11 @@ class DuplicateJob(ValueError):
 
 def record_to_json(record: JobRecord) -> str:
     """The whole record as one JSON document: the body every store keeps."""
-    body = dict(record.__dict__)
-    body["status"] = record.status.value
-    return json.dumps(body, separators=(",", ":"))
+    return record.model_dump_json()
 
 
 def record_from_json(text: str) -> JobRecord:
-    body = json.loads(text)
-    body["status"] = JobStatus(body["status"])
-    return JobRecord(**body)
+    return JobRecord.model_validate_json(text)
 
 
 class JobStore(Protocol):

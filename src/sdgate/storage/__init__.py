@@ -83,4 +83,4 @@ def create_storage(settings: Settings) -> Storage:
         return S3Storage(settings)
     from sdgate.storage.local import LocalStorage
 
-    return LocalStorage(settings.images_dir, settings.public_base_url)
+    return LocalStorage(settings.paths.images, settings.public_base_url)

@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from sdgate.webhooks import SIGNATURE_HEADER, WebhookNotAllowed, check_url, deliver, sign, verify
+from sdgate.jobs.webhooks import SIGNATURE_HEADER, WebhookNotAllowed, check_url, deliver, sign, verify
 
 SECRET = "whsec-test"
 BODY = b'{"id":"abc","status":"succeeded"}'
@@ -175,7 +175,7 @@ def make_receiver() -> Iterator[MakeReceiver]:
 def test_deliver_retries_until_2xx_and_signs_every_attempt(make_receiver: MakeReceiver) -> None:
     rx = make_receiver([500, 503])
     attempts = asyncio.run(deliver(rx.url, BODY, secret=SECRET, allow="127.0.0.1", max_attempts=5, backoff_s=0.01))
-    assert [a.get("status") for a in attempts] == [500, 503, 200]
+    assert [a.status for a in attempts] == [500, 503, 200]
     assert len(rx.requests) == 3
     for headers, body in rx.requests:
         assert body == BODY
@@ -186,7 +186,7 @@ def test_deliver_retries_until_2xx_and_signs_every_attempt(make_receiver: MakeRe
 def test_deliver_gives_up_after_max_attempts(make_receiver: MakeReceiver) -> None:
     rx = make_receiver([500] * 10)
     attempts = asyncio.run(deliver(rx.url, BODY, secret=None, allow="127.0.0.1", max_attempts=3, backoff_s=0.01))
-    assert [a.get("status") for a in attempts] == [500, 500, 500]
+    assert [a.status for a in attempts] == [500, 500, 500]
     assert len(rx.requests) == 3
     assert SIGNATURE_HEADER not in rx.requests[0][0]  # no secret, no signature
 
@@ -197,12 +197,12 @@ def test_deliver_records_connection_errors_and_retries() -> None:
     url = f"http://127.0.0.1:{free_port()}/hook"  # nothing listens there
     attempts = asyncio.run(deliver(url, BODY, secret=SECRET, allow="127.0.0.1", max_attempts=2, backoff_s=0.01))
     assert len(attempts) == 2
-    assert all("error" in a and "status" not in a for a in attempts)
+    assert all(a.error and a.status is None for a in attempts)
 
 
 def test_deliver_refuses_a_target_off_the_allow_list_without_sending(make_receiver: MakeReceiver) -> None:
     rx = make_receiver([])
     attempts = asyncio.run(deliver(rx.url, BODY, secret=SECRET, allow="", max_attempts=5, backoff_s=0.01))
     assert len(attempts) == 1  # not retried: it would be refused again
-    assert "not a public address" in attempts[0]["error"]
+    assert "not a public address" in (attempts[0].error or "")
     assert rx.requests == []

@@ -14,10 +14,11 @@ import ipaddress
 import logging
 import socket
 import time
-from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+
+from sdgate.schemas import WebhookAttempt
 
 log = logging.getLogger("sdgate.webhooks")
 
@@ -104,12 +105,13 @@ async def deliver(
     max_attempts: int,
     backoff_s: float,
     timeout_s: float = 10.0,
-) -> list[dict[str, Any]]:
+) -> list[WebhookAttempt]:
     """POST ``body`` until a 2xx or ``max_attempts``; returns one record per attempt."""
-    attempts: list[dict[str, Any]] = []
+    attempts: list[WebhookAttempt] = []
     async with httpx.AsyncClient(timeout=timeout_s, follow_redirects=False) as client:
         for n in range(max_attempts):
-            record: dict[str, Any] = {"at": time.time()}
+            attempt = WebhookAttempt(at=time.time())
+            attempts.append(attempt)
             try:
                 # Checked at every attempt, after resolution: DNS can change between submit and delivery.
                 await asyncio.to_thread(check_url, url, allow)
@@ -117,17 +119,14 @@ async def deliver(
                 if secret:
                     headers[SIGNATURE_HEADER] = sign(body, secret)
                 resp = await client.post(url, content=body, headers=headers)
-                record["status"] = resp.status_code
-                attempts.append(record)
+                attempt.status = resp.status_code
                 if 200 <= resp.status_code < 300:
                     return attempts
             except WebhookNotAllowed as e:
-                record["error"] = str(e)
-                attempts.append(record)
+                attempt.error = str(e)
                 return attempts
             except httpx.HTTPError as e:
-                record["error"] = f"{type(e).__name__}: {e}"
-                attempts.append(record)
+                attempt.error = f"{type(e).__name__}: {e}"
             if n + 1 < max_attempts:
                 await asyncio.sleep(backoff_s * 2**n)
     log.warning("webhook to %s failed after %d attempts", url, len(attempts))

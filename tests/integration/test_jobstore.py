@@ -16,8 +16,9 @@ import pytest
 
 from sdgate.jobstore import DuplicateJob, JobRecord, JobStore, SqliteJobStore
 from sdgate.jobstore.dynamodb import DynamoJobStore
-from sdgate.schemas import JobStatus
+from sdgate.schemas import JobStatus, StoredImage, Timings, WebhookState
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
+from tests.fakes import params
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -28,10 +29,14 @@ def record(created: float, status: JobStatus = JobStatus.queued, **kw: object) -
     return JobRecord(
         status=status,
         created=created,
-        params={"prompt": "a fox", "width": 64, "height": 64, "num_inference_steps": 2, "seeds": [7]},
+        params=params(7),
         model="tiny",
-        **kw,  # type: ignore[arg-type]
+        **kw,
     )
+
+
+def image(key: str) -> StoredImage:
+    return StoredImage(url=f"/images/{key}", key=key, seed=7, width=64, height=64, content_type="image/jpeg", bytes=9)
 
 
 @pytest.fixture
@@ -73,7 +78,7 @@ def test_insert_then_get_returns_every_field(store: JobStore) -> None:
         owner="alice",
         idempotency_key="k1",
         request_hash="h",
-        webhook={"url": "https://example.com/h", "delivered": False, "attempts": []},
+        webhook=WebhookState(url="https://example.com/h", delivered=False),
     )
     assert store.insert(r) is r
     got = store.get(r.id)
@@ -90,8 +95,8 @@ def test_save_writes_every_field(store: JobStore) -> None:
     r = store.insert(record(1000.0))
     r.status = JobStatus.succeeded
     r.started, r.finished, r.attempts = 1001.0, 1002.0, 1
-    r.images = [{"url": "/images/k.jpeg", "key": "k.jpeg", "seed": 7, "width": 64, "height": 64}]
-    r.timings = {"inference": 12.5, "total": 20.0}
+    r.images = [image("k.jpeg")]
+    r.timings = Timings(inference=12.5, total=20.0)
     store.save(r)
     got = store.get(r.id)
     assert got == r
@@ -153,7 +158,7 @@ def test_finished_since_returns_only_terminal_jobs_from_the_cutoff_oldest_first(
     assert [r.id for r in store.finished_since(200.1)] == [r.id for r in later]
     assert store.finished_since(1000.0) == []
     # A job that ends later is found from then on, with its whole record.
-    running.status, running.webhook = JobStatus.succeeded, {"url": "https://example.com/h", "attempts": []}
+    running.status, running.webhook = JobStatus.succeeded, WebhookState(url="https://example.com/h")
     store.save(running)
     assert store.finished_since(250.0)[0] == running
 
@@ -244,7 +249,7 @@ def test_records_survive_close_and_reopen(open_store: Callable[[], JobStore]) ->
     s = open_store()
     running = s.insert(record(1000.0, JobStatus.running, attempts=1, idempotency_key="k"))
     done = s.insert(record(1001.0))
-    done.status, done.images = JobStatus.succeeded, [{"url": "/images/x.jpeg", "key": "x.jpeg"}]
+    done.status, done.images = JobStatus.succeeded, [image("x.jpeg")]
     s.save(done)
     s.close()
 

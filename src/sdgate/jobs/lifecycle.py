@@ -1,0 +1,169 @@
+"""A job and its lifecycle: the only code that changes a job's status.
+
+``queued → running → succeeded | failed | canceled``; a job the server lost twice while it ran ends
+``failed`` with the error type ``interrupted``. Each transition stamps its time, saves the record,
+observes the metrics, tells the job's event subscribers and, once the job has ended, hands it to
+whoever schedules its webhook: in the server, in recovery after a restart and on AWS Lambda alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from sdgate.jobs.events import Event
+from sdgate.jobstore import JobRecord, JobStore
+from sdgate.metrics import Metrics
+from sdgate.schemas import ErrorInfo, GenerationParams, GenerationResponse, JobStatus, StoredImage, Timings
+
+CANCELED = ErrorInfo(type="canceled", message="canceled by request")
+
+
+@dataclass
+class Output:
+    """One stored image of a job, with its bytes and pixels while the job is in memory.
+
+    Surfaces that answer with the image itself (the SageMaker contract, the CLI) take it from here,
+    so an image is encoded once, stored once, and the answer holds exactly the stored bytes.
+    """
+
+    image: StoredImage
+    data: bytes
+    pixels: Any  # PIL.Image.Image
+
+
+@dataclass
+class Lifecycle:
+    """What a job's transitions need from the runner that owns it."""
+
+    store: JobStore
+    metrics: Metrics
+    describe: Callable[[Job], GenerationResponse]
+    """The job's public form, sent to event subscribers."""
+    ended: Callable[[Job], None]
+    """Called once, after the job reached its terminal status (schedules the webhook)."""
+
+
+@dataclass(eq=False)
+class Job:
+    """A job: its durable record, plus what lives only in memory (progress, cancel flag, subscribers).
+
+    ``local`` jobs run (or are recovered) in this process. Other ones were read from the store (a job
+    a worker elsewhere runs, or one that ended long ago): their transitions are saved all the same.
+    """
+
+    record: JobRecord
+    lifecycle: Lifecycle
+    local: bool = True
+    cancel_requested: threading.Event = field(default_factory=threading.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    step: int = 0
+    total_steps: int = 0
+    outputs: list[Output] = field(default_factory=list)
+    subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.step = self.record.step
+        self.total_steps = self.record.params.num_inference_steps
+        if self.record.status.is_terminal():
+            self.done.set()
+
+    @property
+    def id(self) -> str:
+        return self.record.id
+
+    @property
+    def status(self) -> JobStatus:
+        return self.record.status
+
+    @property
+    def params(self) -> GenerationParams:
+        return self.record.params
+
+    # -- transitions ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """queued → running (a no-op in any other status): one more attempt, from now."""
+        if self.record.status != JobStatus.queued:
+            return
+        self.record.status = JobStatus.running
+        self.record.started = time.time()
+        self.record.attempts += 1
+        self._save()
+        self.publish("started")
+
+    def requeue(self) -> None:
+        """running → queued, for a job a stopped process left running; it runs again from the start."""
+        if self.record.status != JobStatus.running:
+            return
+        self.record.status = JobStatus.queued
+        self.step = 0
+        self._save()
+
+    def advance(self, step: int, total: int) -> None:
+        """Progress of a running job: in memory and to subscribers, not to the store (too often)."""
+        if self.record.status.is_terminal():
+            return
+        self.start()
+        self.step, self.total_steps = step, total
+        if step > 0:
+            self.publish("progress")
+
+    def succeed(self, outputs: list[Output], timings: Timings) -> None:
+        """Its images are stored: the job has succeeded."""
+        if self.record.status.is_terminal():
+            return
+        self.outputs = outputs
+        self.record.images = [o.image for o in outputs]
+        self.record.timings = timings
+        self.step = self.total_steps = self.params.num_inference_steps
+        self._end(JobStatus.succeeded, None)
+
+    def fail(self, error: ErrorInfo) -> None:
+        self._end(JobStatus.failed, error)
+
+    def cancel(self, error: ErrorInfo = CANCELED) -> None:
+        self.cancel_requested.set()
+        self._end(JobStatus.canceled, error)
+
+    def interrupt(self, message: str) -> None:
+        """The process that ran it stopped (too often, or for good): a clear failure, not running forever."""
+        self._end(JobStatus.failed, ErrorInfo(type="interrupted", message=message))
+
+    def adopt(self, record: JobRecord) -> None:
+        """Take a newer copy of the record from the store (written by another process)."""
+        self.record = record
+        if record.status.is_terminal():
+            self.done.set()
+
+    # -- the common part ------------------------------------------------------------------------
+
+    def _end(self, status: JobStatus, error: ErrorInfo | None) -> None:
+        if self.record.status.is_terminal():
+            return
+        record = self.record
+        record.status, record.error, record.step = status, error, self.step
+        record.finished = time.time()
+        total_ms = round((record.finished - record.created) * 1000, 2)
+        record.timings = (record.timings or Timings()).model_copy(update={"total": total_ms})
+        self._save()
+        self.lifecycle.metrics.job_finished(
+            status.value, record.timings, len(record.images), error.type if error else None
+        )
+        self.publish(status.value)
+        self.done.set()
+        self.lifecycle.ended(self)
+
+    def _save(self) -> None:
+        self.lifecycle.store.save(self.record)
+
+    def publish(self, name: str) -> None:
+        if not self.subscribers:
+            return
+        event = Event(name, self.lifecycle.describe(self).model_dump(mode="json"))
+        for queue in self.subscribers:
+            queue.put_nowait(event)
