@@ -12,6 +12,7 @@ tests/conftest.py loads this module as a plugin: every test module sees these fi
 from __future__ import annotations
 
 import io
+import re
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from moto.server import ThreadedMotoServer
 from PIL import Image
 
+from sdgate.storage import sidecar_key
 from tests.server import ServerProcess, free_port, start_server
 
 if TYPE_CHECKING:
@@ -134,6 +136,13 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
         assert im.format == "JPEG", im.format
         im.load()
         return im.size
+
+
+def sidecar_object(image_object: str) -> str:
+    """The bucket key of an image object's sidecar: the same ``SDGATE_S3_PREFIX``, then the image key's sidecar key."""
+    at = re.search(r"\d{4}/\d{2}/\d{2}/", image_object)
+    assert at is not None, f"not an image object: {image_object!r}"
+    return image_object[: at.start()] + sidecar_key(image_object[at.start() :])
 
 
 def objects(s3: S3Client, bucket: str) -> dict[str, dict[str, Any]]:

@@ -20,6 +20,7 @@ from PIL import Image
 
 from sdgate.imaging import read_metadata
 from sdgate.schemas import SCHEDULER_NAMES
+from sdgate.storage import sidecar_key
 from tests.server import ServerProcess
 
 SMALL: dict[str, Any] = {"width": 64, "height": 64, "num_inference_steps": 2}
@@ -289,9 +290,9 @@ def test_image_file_holds_the_prompt_and_seed(stored: dict[str, Any]) -> None:
     assert stored["body"]["id"] not in json.dumps(meta)
 
 
-def test_sidecar_json_beside_the_image_holds_params_and_seed(server: ServerProcess, stored: dict[str, Any]) -> None:
+def test_the_private_sidecar_holds_the_params_and_is_not_served(server: ServerProcess, stored: dict[str, Any]) -> None:
     image_path = server.data_dir / "images" / stored["key"]
-    sidecar_path = image_path.with_suffix(".json")
+    sidecar_path = server.data_dir / "images" / sidecar_key(stored["key"])
     assert image_path.read_bytes() == stored["data"]
     sidecar = json.loads(sidecar_path.read_text())
     assert sidecar["prompt"] == "a red fox, 여우"
@@ -304,6 +305,8 @@ def test_sidecar_json_beside_the_image_holds_params_and_seed(server: ServerProce
     assert sidecar["content_type"] == "image/png"
     assert sidecar["bytes"] == len(stored["data"])
     assert sidecar["job_id"] == stored["body"]["id"]
+    served = httpx.get(stored["image"]["url"].replace(stored["key"], sidecar_key(stored["key"])), timeout=30)
+    assert served.status_code == 404  # the job behind a shared image stays private
     # no temporary files are left beside them
     assert [p.name for p in image_path.parent.iterdir() if p.name.startswith(".") or p.suffix == ".part"] == []
 

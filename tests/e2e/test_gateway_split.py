@@ -23,7 +23,7 @@ from botocore.exceptions import ClientError
 
 from sdgate.imaging import read_metadata
 from sdgate.storage import is_valid_key
-from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size, objects, start_gateway
+from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size, objects, sidecar_object, start_gateway
 from tests.server import ServerProcess, free_port
 
 if TYPE_CHECKING:
@@ -129,7 +129,7 @@ def test_parallel_requests_never_overwrite_each_others_images(
     new = {k: v for k, v in objects(s3, gateway_bucket).items() if k not in before}
     images = [k for k in new if k.endswith(".jpeg")]
     assert len(images) == len(prompts)
-    assert all(new[k.removesuffix(".jpeg") + ".json"]["ContentType"] == "application/json" for k in images)
+    assert all(new[sidecar_object(k)]["ContentType"] == "application/json" for k in images)
 
 
 def test_backend_http_keeps_per_image_seeds(

@@ -114,7 +114,7 @@ def wait_terminal(client: httpx.Client, job_id: str) -> Job:
 
 def start_blocker(client: httpx.Client, min_step: int = 0) -> str:
     """A long job, running (past ``min_step``) when this returns. Cancel it to free the engine."""
-    job_id = submit(client, {"prompt": "blocker", **BLOCKER})["id"]
+    job_id: str = submit(client, {"prompt": "blocker", **BLOCKER})["id"]
     wait_for(client, job_id, lambda j: j["status"] == "running" and j["progress"]["step"] >= min_step, "running")
     return job_id
 

@@ -31,7 +31,7 @@ import pytest
 
 from sdgate.jobs.webhooks import SIGNATURE_HEADER, verify
 from sdgate.storage import is_valid_key
-from tests.aws_fixtures import FAKE_CREDENTIALS, FAST, REGION, jpeg_size, objects
+from tests.aws_fixtures import FAKE_CREDENTIALS, FAST, REGION, jpeg_size, objects, sidecar_object
 from tests.server import ServerProcess, free_port
 
 if TYPE_CHECKING:
@@ -465,7 +465,7 @@ def test_rest_post_text2image_answers_the_cloudfront_url_of_an_image_in_the_buck
     key, head = aws.image(body["body"])
     assert head["ContentType"] == "image/jpeg"
     assert head["CacheControl"] == "public, max-age=31536000, immutable"
-    assert key.removesuffix(".jpeg") + ".json" in objects(aws.s3, aws.bucket)  # its sidecar
+    assert sidecar_object(key) in objects(aws.s3, aws.bucket)  # its sidecar, under the private prefix
     # The job ran in a worker invocation, and its record is in DynamoDB.
     [run] = aws.lambda_service.invocations[invoked:]
     job = aws.job_item(run.payload["sdgate_job"])

@@ -107,7 +107,7 @@ def servers(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> It
     root = tmp_path_factory.mktemp("one-path")
     open_dir = with_tiny_models(root / "open", tiny_data_dir)
     secured_dir = with_tiny_models(root / "secured", tiny_data_dir)
-    wanted = [(f"quota-{s}", "--quota", str(QUOTA)) for s in SURFACES]
+    wanted: list[tuple[str, ...]] = [(f"quota-{s}", "--quota", str(QUOTA)) for s in SURFACES]
     wanted += [(f"rate-{s}", "--rate", str(RATE)) for s in SURFACES]
     wanted += [("images", "--quota", str(QUOTA)), ("jobs",)]
     futures: list[Future[ServerProcess]] = []

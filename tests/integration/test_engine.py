@@ -80,7 +80,7 @@ def test_progress_reports_every_step_up_to_the_total(engine: Engine, settings: S
 
 
 # What each public scheduler name means: diffusers class and the settings that define it.
-SCHEDULERS = {
+SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "euler": ("EulerDiscreteScheduler", {}),
     "euler_a": ("EulerAncestralDiscreteScheduler", {}),
     "ddim": ("DDIMScheduler", {}),

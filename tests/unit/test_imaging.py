@@ -90,7 +90,8 @@ def test_rgb_lists_roundtrip_exactly() -> None:
     assert len(rows) == 3  # rows of pixels: height first
     assert all(len(row) == 5 for row in rows)
     assert all(len(px) == 3 and all(isinstance(v, int) for v in px) for row in rows for px in row)
-    assert rows[1][4] == list(img.getpixel((4, 1)))
+    pixel = img.getpixel((4, 1))
+    assert isinstance(pixel, tuple) and rows[1][4] == list(pixel)
     back = from_rgb_lists(rows)
     assert back.mode == "RGB"
     assert np.array_equal(np.asarray(back), np.asarray(img))

@@ -87,7 +87,8 @@ def test_requests_that_may_share_a_pipeline_call_have_equal_batch_keys(settings:
     assert a.batch_key() == b.batch_key()
     for change in ({"width": 128}, {"height": 128}, {"num_inference_steps": 5}, {"guidance_scale": 1.0},
                    {"scheduler": "ddim"}):  # fmt: skip
-        other = resolve(settings, **{"prompt": "a fox", "seed": 1, "width": 64, "height": 64, **change})
+        fields: dict[str, Any] = {"prompt": "a fox", "seed": 1, "width": 64, "height": 64, **change}
+        other = resolve(settings, **fields)
         assert other.batch_key() != a.batch_key(), change
 
 
@@ -117,7 +118,7 @@ def test_public_params_hold_what_reproduces_the_image(settings: Settings) -> Non
 def test_settings_limits_raise_invalid_request_naming_the_field(
     tmp_path: Path, limit: dict[str, int], fields: dict[str, Any], field: str
 ) -> None:
-    settings = Settings(data_dir=tmp_path, **limit)
+    settings = Settings(data_dir=tmp_path).model_copy(update=limit)
     small = ModelDefaults(width=256, height=256)
     with pytest.raises(InvalidRequest) as info:
         resolve(settings, small, **fields)

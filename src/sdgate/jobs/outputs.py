@@ -58,3 +58,5 @@ def delete_images(storage: Storage, images: list[StoredImage]) -> None:
     for image in images:
         storage.delete(image.key)
         storage.delete(sidecar_key(image.key))
+        # Where sidecars were stored before they moved under the private prefix (a key still valid).
+        storage.delete(image.key.rsplit(".", 1)[0] + ".json")
