@@ -13,7 +13,7 @@ What is safer than the hand-written original:
 
 Long generations: the API function hands every job to the worker function (an asynchronous
 invocation) and waits for it until just before API Gateway's 29 s, then answers 202; the worker
-has 15 minutes. See ``sdgate/aws/runner.py`` for why this, rather than SageMaker async inference.
+has 15 minutes. See ``sdgate/jobs/dispatch.py`` for why this, rather than SageMaker async inference.
 """
 
 from __future__ import annotations
@@ -132,7 +132,7 @@ def _parse(name: str, raw: Any, kind: str) -> Any:
     return raw
 
 
-class SdgateStack(Stack):
+class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyproject.toml
     """sdgate on one AWS account: ``cdk deploy`` and it answers at the ``ApiUrl`` output."""
 
     def __init__(self, scope: Construct, construct_id: str, config: StackConfig, **kwargs: Any) -> None:
@@ -529,6 +529,6 @@ def lambda_code(architecture: str) -> lambda_.Code:
             ],
             # jsii calls try_bundle(output_dir, options) with the options as one struct, not as the
             # keywords the typing stub names: the runtime's shape wins over the stub's.
-            local=PipBundler(architecture),  # type: ignore[arg-type]
+            local=PipBundler(architecture),
         ),
     )

@@ -20,6 +20,7 @@ TOY = TrainConfig(
     unet_batch=2,
     latent_pool=4,
     threads=1,
+    sample_steps=1,
 )
 
 
