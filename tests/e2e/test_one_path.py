@@ -1,20 +1,20 @@
 """One generation path (issue 12): every surface is charged, recorded and drawn by the same code.
 
-Two real ``sdgate serve`` processes with the tiny model:
+Real ``sdgate serve`` processes with the tiny model:
 
 - ``secured`` (``SDGATE_AUTH=on``, SageMaker mode off, so ``/invocations`` needs a key too): a key's
   daily image quota (``--quota``) and request rate (``--rate``) hold across all generation surfaces
   together, every surface refuses in its own dialect once the others used the allowance up, and every
   generation is a job of its key in ``GET /v1/jobs`` with the ``surface`` it came through;
-- ``open_server`` (keys off, since ``sdgate generate --url`` sends no key): the same request and seed
-  give the same image through the native API, ``/invocations`` (RGB lists and JPEG), the SageMaker
-  runtime path called by boto3, and the CLI, in process and against the server.
+- ``open_server`` (the session's server, keys off, since ``sdgate generate --url`` sends no key): the
+  same request and seed give the same image through the native API, ``/invocations`` (RGB lists and
+  JPEG), the SageMaker runtime path called by boto3, and the CLI (in process vs. server: test_cli.py).
 
 The surfaces: ``POST /v1/generations``, ``POST /text2image``, ``GET /text2image``, ``POST /invocations``,
 ``POST /endpoints/{name}/invocations`` (with httpx, and with an unmodified boto3 ``sagemaker-runtime``
 client whose requests carry the key in ``X-API-Key``, added by a botocore ``before-sign`` hook: the
-SigV4 signature takes ``Authorization``). Keys are made by the real ``sdgate keys`` CLI, a fresh one
-per test wherever a test counts a key's traffic.
+SigV4 signature takes ``Authorization``). Keys are made in the server's key store before it starts, a
+fresh one per test wherever a test counts a key's traffic.
 """
 
 from __future__ import annotations
@@ -27,7 +27,6 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 from PIL import Image
 
-from tests.apikeys import create_key
+from sdgate.auth import KeyStore
+from sdgate.paths import DataPaths
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size
 from tests.server import ServerProcess, start_server
 
@@ -94,58 +94,34 @@ def with_tiny_models(data_dir: Path, tiny_data_dir: Path) -> Path:
     return data_dir
 
 
-@dataclass
-class Servers:
-    secured: Secured
-    open: ServerProcess
-
-
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Iterator[Servers]:
-    """Both servers, started side by side (each spends seconds loading and warming up the model); the
-    secured one once its keys exist."""
-    root = tmp_path_factory.mktemp("one-path")
-    open_dir = with_tiny_models(root / "open", tiny_data_dir)
-    secured_dir = with_tiny_models(root / "secured", tiny_data_dir)
-    wanted: list[tuple[str, ...]] = [(f"quota-{s}", "--quota", str(QUOTA)) for s in SURFACES]
-    wanted += [(f"rate-{s}", "--rate", str(RATE)) for s in SURFACES]
-    wanted += [("images", "--quota", str(QUOTA)), ("jobs",)]
-    futures: list[Future[ServerProcess]] = []
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            futures.append(pool.submit(start_server, open_dir, env={"SDGATE_AUTH": "off", **SERVER_ENV}))
-            # one CLI process per key, two at a time
-            keys = list(pool.map(lambda w: create_key(secured_dir, *w), wanted))
-            futures.append(pool.submit(start_server, secured_dir, env={"SDGATE_AUTH": "on", **SERVER_ENV}))
-        open_srv, secured_srv = (f.result() for f in futures)
-    except BaseException:
-        for f in futures:
-            if f.done() and f.exception() is None:
-                f.result().stop()
-        raise
-    made = dict(zip([w[0] for w in wanted], keys, strict=True))
-    secured = Secured(
-        server=secured_srv,
+def secured(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Iterator[Secured]:
+    """``SDGATE_AUTH=on``, SageMaker mode off: every surface needs a key, and charges it."""
+    secured_dir = with_tiny_models(tmp_path_factory.mktemp("one-path") / "secured", tiny_data_dir)
+    # (name, rate per minute, images per day); made in the server's key store before it starts (the
+    # `sdgate keys` CLI that writes the same store is tested in test_security.py)
+    wanted: list[tuple[str, int | None, int | None]] = [(f"quota-{s}", None, QUOTA) for s in SURFACES]
+    wanted += [(f"rate-{s}", RATE, None) for s in SURFACES]
+    wanted += [("images", None, QUOTA), ("jobs", None, None)]
+    store = KeyStore(DataPaths(secured_dir).keys_db)
+    made = {name: store.create(name, rate, quota)[0] for name, rate, quota in wanted}
+    store.close()
+    srv = start_server(secured_dir, env={"SDGATE_AUTH": "on", **SERVER_ENV})
+    yield Secured(
+        server=srv,
         quota={s: made[f"quota-{s}"] for s in SURFACES},
         rate={s: made[f"rate-{s}"] for s in SURFACES},
         images=made["images"],
         jobs=made["jobs"],
     )
-    yield Servers(secured, open_srv)
-    secured_srv.stop()
-    open_srv.stop()
+    srv.stop()
 
 
 @pytest.fixture(scope="module")
-def secured(servers: Servers) -> Secured:
-    """``SDGATE_AUTH=on``, SageMaker mode off: every surface needs a key, and charges it."""
-    return servers.secured
-
-
-@pytest.fixture(scope="module")
-def open_server(servers: Servers) -> ServerProcess:
-    """Keys off: ``sdgate generate --url`` sends none."""
-    return servers.open
+def open_server(server: ServerProcess) -> ServerProcess:
+    """The session's server with keys off (``sdgate generate --url`` sends none); requests run one after
+    the other, so each is a pipeline call of its own."""
+    return server
 
 
 # -- the surfaces ---------------------------------------------------------------------------------
@@ -428,18 +404,13 @@ def sdgate_generate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-@pytest.mark.parametrize("where", ["in-process", "--url"])
-def test_the_cli_gives_the_same_pixels_in_process_and_against_the_server(
-    open_server: ServerProcess,
-    native_png: np.ndarray,
-    tiny_data_dir: Path,
-    tmp_path: Path,
-    where: str,
+def test_the_cli_against_the_server_gives_the_same_pixels(
+    open_server: ServerProcess, native_png: np.ndarray, tiny_data_dir: Path, tmp_path: Path
 ) -> None:
+    """The CLI in process gives the same pixels as against a server: tests/e2e/test_cli.py."""
     data_dir = with_tiny_models(tmp_path / "data", tiny_data_dir)
     out = tmp_path / "x.png"
-    extra = ["--url", open_server.url] if where == "--url" else []
-    proc = sdgate_generate(data_dir, "-o", str(out), *extra)
+    proc = sdgate_generate(data_dir, "-o", str(out), "--url", open_server.url)
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"x\.png\s+seed=7\b", proc.stdout), proc.stdout
     assert np.abs(pixels(out.read_bytes()) - native_png).max() <= 1
