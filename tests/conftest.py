@@ -2,21 +2,44 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests import background
 from tests.server import ServerProcess, start_server
 
 
+def _shared_server() -> ServerProcess:
+    return start_server(background.workdir("server"), env={"SDGATE_MAX_BATCH_WAIT_MS": "50"})
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start what the collected tests will need and is slow to make, while the first tests run."""
+    if any("server" in getattr(item, "fixturenames", ()) for item in session.items):
+        background.prepare("server", _shared_server)
+    if any("test_gateway_venv.py" in item.nodeid for item in session.items):
+        from tests.e2e.test_gateway_venv import build_gateway_venv
+
+        background.prepare("gateway-venv", build_gateway_venv)
+
+
+def _stop(made: Any) -> None:
+    if isinstance(made, ServerProcess):
+        made.stop()
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    background.cleanup(_stop)
+
+
 @pytest.fixture(scope="session")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """One `sdgate serve` process with the tiny built-in model, shared by the e2e tests."""
-    srv = start_server(tmp_path_factory.mktemp("server"), env={"SDGATE_MAX_BATCH_WAIT_MS": "50"})
-    yield srv
-    srv.stop()
+def server() -> ServerProcess:
+    """One `sdgate serve` process with the tiny built-in model, shared by the e2e tests (started in the
+    background when collection ends; stopped when the session ends)."""
+    srv: ServerProcess = background.get("server", _shared_server)
+    return srv
 
 
 @pytest.fixture

@@ -9,22 +9,24 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
+from tests import background
 from tests.aws_fixtures import FAST, jpeg_size
 from tests.server import ServerProcess, start_server
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def gateway_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The interpreter of a new virtual environment holding ``sdgate[aws]`` and nothing else."""
-    root = tmp_path_factory.mktemp("gateway-venv")
+def build_gateway_venv() -> Path:
+    """A new virtual environment holding ``sdgate[aws]`` and nothing else; returns its interpreter.
+
+    Built in the background from the start of the session (tests/background.py): it is mostly pip.
+    """
+    root = background.workdir("gateway-venv")
     project = root / "project"  # a copy, so that building it leaves the working tree alone
     project.mkdir()
     shutil.copy(ROOT / "pyproject.toml", project)
@@ -39,7 +41,14 @@ def gateway_python(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         timeout=600,
         capture_output=True,
     )
-    yield python
+    return python
+
+
+@pytest.fixture(scope="module")
+def gateway_python() -> Path:
+    """The interpreter of the gateway's torch-free virtual environment."""
+    python: Path = background.get("gateway-venv", build_gateway_venv)
+    return python
 
 
 @pytest.mark.slow
