@@ -189,11 +189,11 @@ class JobRunner:
         webhook_url: str | None = None,
         base_url: str | None = None,
     ) -> tuple[Job, bool]:
-        """Record the job and have it run. Returns (job, created); an idempotent repeat returns the first job."""
-        if idempotency_key is not None:
-            existing = self.find_idempotent(owner, idempotency_key, body_hash)
-            if existing is not None:
-                return existing, False
+        """Record the job and have it run. Returns (job, created); an idempotent repeat returns the first job.
+
+        The store's insert finds the first job of an Idempotency-Key (atomically, also in a race); the
+        generation service looks for it earlier still, before the key is charged.
+        """
         self.check_capacity()
         record = JobRecord(
             id=uuid.uuid4().hex,
@@ -209,7 +209,7 @@ class JobRunner:
             base_url=base_url,
         )
         stored = self.store.insert(record)
-        if stored.id != record.id:  # lost a race with the same key
+        if stored.id != record.id:  # the key's first job (or a race with the same key, lost)
             return self._idempotent(stored, body_hash), False
         job = self.adopt(record, local=self.dispatcher.in_process)
         try:
@@ -237,6 +237,10 @@ class JobRunner:
             raise InvalidRequest(
                 "Idempotency-Key was already used with a different request body", field="Idempotency-Key"
             )
+        return self._job(record)
+
+    def _job(self, record: JobRecord) -> Job:
+        """The job of ``record``: the one in memory when it lives here, else one over the record."""
         return self._live.get(record.id) or Job(record, self.lifecycle, local=False)
 
     # -- reading --------------------------------------------------------------------------------
@@ -250,7 +254,7 @@ class JobRunner:
         job = self._live.get(job_id)
         if job is None:
             record = self.store.get(job_id)
-            job = None if record is None else Job(record, self.lifecycle, local=False)
+            job = None if record is None else self._job(record)
         if job is None or (owner is not None and job.record.owner != owner):
             raise NotFound(f"no job {job_id!r}")
         lost = time.time() - job.record.created > self.settings.worker_timeout_s
@@ -260,7 +264,7 @@ class JobRunner:
 
     def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[GenerationResponse]:
         records = self.store.list_jobs(owner=owner, limit=limit, before=before)
-        return [self.view(self._live.get(r.id) or Job(r, self.lifecycle, local=False)) for r in records]
+        return [self.view(self._job(r)) for r in records]
 
     def view(self, job: Job) -> GenerationResponse:
         """The public form of a job: record fields, plus live progress and queue position."""
