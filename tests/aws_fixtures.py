@@ -24,7 +24,8 @@ from moto.server import ThreadedMotoServer
 from PIL import Image
 
 from sdgate.storage import sidecar_key
-from tests.server import ServerProcess, free_port, start_server
+from tests import background
+from tests.server import ServerProcess, free_port, start_server, with_tiny_models
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -104,14 +105,18 @@ def aws_env(s3_server: str) -> dict[str, str]:
     }
 
 
+def make_endpoint() -> ServerProcess:
+    """``sdgate serve --sagemaker``: the model endpoint (the tiny model, built once per session)."""
+    data_dir = with_tiny_models(background.workdir("endpoint"))
+    return start_server(data_dir, "--sagemaker", env={"SDGATE_MAX_BATCH_WAIT_MS": "50", **FAST})
+
+
 @pytest.fixture(scope="session")
-def endpoint(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Iterator[ServerProcess]:
-    """``sdgate serve --sagemaker``: the model endpoint (the tiny model, on a loopback port)."""
-    data_dir = tmp_path_factory.mktemp("endpoint")
-    (data_dir / "models").symlink_to(tiny_data_dir / "models")  # the tiny model, built once per session
-    srv = start_server(data_dir, "--sagemaker", env={"SDGATE_MAX_BATCH_WAIT_MS": "50", **FAST})
-    yield srv
-    srv.stop()
+def endpoint() -> ServerProcess:
+    """The model endpoint, shared by the session: made while the modules before its first user ran
+    (they declare it with ``background.needs``); stopped when the session ends."""
+    srv: ServerProcess = background.get("endpoint", make_endpoint)
+    return srv
 
 
 def start_gateway(data_dir: Path, endpoint: ServerProcess, aws_env: dict[str, str], **env: str) -> ServerProcess:

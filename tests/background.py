@@ -1,9 +1,16 @@
-"""Slow session resources prepared in the background, beside the first tests.
+"""Slow resources prepared in the background, beside the tests that run before the ones that need them.
 
 The suite runs one test at a time and, most of the time, on one of the machine's two cores: a
-server start is mostly a single-threaded import of torch and diffusers, a venv build is pip. So the
-resources every run needs anyway (the shared server, the gateway's torch-free venv) start when
-collection ends, and their fixtures wait for them; an error is raised where the fixture asks.
+server start is mostly a single-threaded import of torch and diffusers, a venv build is pip. So:
+
+- the resources every run needs anyway (the shared server, the gateway's torch-free venv) start when
+  collection ends;
+- a test module that needs servers of its own declares them with :func:`needs`; they start while
+  the modules before it run (the conftest asks for the next two declaring modules' resources).
+
+Their fixtures wait for them (:func:`get`, or :func:`take` for one the module stops itself); an
+error is raised where the fixture asks. A resource is made fresh for the module that declared it,
+exactly as its fixture would make it: only *when* it starts changes.
 """
 
 from __future__ import annotations
@@ -15,9 +22,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="sdgate-test-prepare")
+# Its threads mostly wait (on a server's /readyz, on pip): enough of them that a resource asked for is
+# never queued behind two slow ones.
+_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sdgate-test-prepare")
 _started: dict[str, Future[Any]] = {}
+_taken: set[str] = set()
 _dirs: list[Path] = []
+_needs: dict[Path, dict[str, Callable[[], Any]]] = {}
+AHEAD = 2
+"""How many of the next declaring modules have their resources made ahead."""
 
 
 def workdir(name: str) -> Path:
@@ -29,14 +42,47 @@ def workdir(name: str) -> Path:
 
 def prepare(name: str, make: Callable[[], Any]) -> None:
     """Start making ``name`` in the background (once)."""
-    if name not in _started:
+    if name not in _started and name not in _taken:
         _started[name] = _pool.submit(make)
 
 
 def get(name: str, make: Callable[[], Any]) -> Any:
-    """``name``, made in the background or now; waits for it."""
-    prepare(name, make)
+    """``name``, made in the background or now; waits for it. :func:`cleanup` stops it.
+
+    Not started yet, or still queued: it is made now, in the caller's thread.
+    """
+    future = _started.get(name)
+    if future is None or future.cancel():
+        done: Future[Any] = Future()
+        _started[name] = done
+        try:
+            done.set_result(make())
+        except BaseException as e:
+            done.set_exception(e)
     return _started[name].result()
+
+
+def take(name: str, make: Callable[[], Any]) -> Any:
+    """Like :func:`get`, but the caller owns ``name`` from here: it stops it, and it is not made again."""
+    made = get(name, make)
+    _taken.add(name)
+    del _started[name]
+    return made
+
+
+def needs(module: str, **resources: Callable[[], Any]) -> None:
+    """Declare, when test module ``module`` (its ``__file__``) is imported, what it needs made ahead."""
+    _needs.setdefault(Path(module).resolve(), {}).update(resources)
+
+
+def prepare_ahead(modules: list[Path], current: Path) -> None:
+    """Start the resources of the next :data:`AHEAD` modules after ``current`` that declared any."""
+    if current.resolve() not in modules:
+        return
+    after = modules[modules.index(current.resolve()) + 1 :]
+    for module in [m for m in after if m in _needs][:AHEAD]:
+        for name, make in _needs[module].items():
+            prepare(name, make)
 
 
 def cleanup(stop: Callable[[Any], None]) -> None:

@@ -2,27 +2,46 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+# One OpenMP thread for the models this process runs (in-process engines and pipelines), as every
+# server the suite starts gets (tests/server.py): on two cores shared with those servers, a team of
+# spinning threads takes the CPU from the work (see README, "How it works"). Set before torch loads.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 from tests import background
-from tests.server import ServerProcess, start_server
+from tests.server import ServerProcess, start_server, tiny_data
 
 
 def _shared_server() -> ServerProcess:
     return start_server(background.workdir("server"), env={"SDGATE_MAX_BATCH_WAIT_MS": "50"})
 
 
+_modules: list[Path] = []
+"""The collected test modules, in the order they run."""
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Start what the collected tests will need and is slow to make, while the first tests run."""
+    for item in session.items:
+        path = item.path.resolve()
+        if path not in _modules:
+            _modules.append(path)
     if any("server" in getattr(item, "fixturenames", ()) for item in session.items):
         background.prepare("server", _shared_server)
     if any("test_gateway_venv.py" in item.nodeid for item in session.items):
         from tests.e2e.test_gateway_venv import build_gateway_venv
 
         background.prepare("gateway-venv", build_gateway_venv)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Make what the next modules declared (``background.needs``) while this one runs."""
+    background.prepare_ahead(_modules, item.path)
 
 
 def _stop(made: Any) -> None:
@@ -48,16 +67,12 @@ def data_dir(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tiny_data_dir() -> Path:
     """A data directory whose ``models/`` already holds the built-in tiny model, built once per session.
 
     In-process engines share it (they only read models from it); build it once rather than per test.
     """
-    from sdgate.engine.builtin import ensure_builtin
-
-    root = tmp_path_factory.mktemp("tiny-data")
-    ensure_builtin("tiny", root / "models")
-    return root
+    return tiny_data()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ from typing import Any
 from PIL import Image
 
 from sdgate.backends import BackendState
-from sdgate.errors import Canceled, SdgateError
+from sdgate.errors import Canceled, SdgateError, StorageError
+from sdgate.imaging import ImageInputs
 from sdgate.jobstore import DuplicateJob, JobRecord
 from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, JobStatus, ModelDefaults, ProgressFn
 from sdgate.storage import StoredObject, is_valid_key
@@ -52,6 +53,8 @@ class FakeBackend:
         self._defaults = defaults
         self.hold = hold
         self.ran: list[GenerationParams] = []
+        self.inputs: list[ImageInputs | None] = []
+        """The input images each generation came with (None for text-to-image), in the order of ``ran``."""
 
     async def start(self) -> None: ...
 
@@ -70,9 +73,15 @@ class FakeBackend:
         return self._defaults
 
     async def generate(
-        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
     ) -> GenerationResult:
         self.ran.append(params)
+        self.inputs.append(inputs)
         if self.error is not None:
             raise self.error
         if self.hold is not None:
@@ -80,9 +89,9 @@ class FakeBackend:
                 if cancel is not None and cancel.is_set():
                     raise Canceled("the job was canceled")
                 await asyncio.sleep(0.005)
-        for step in range(1, params.num_inference_steps + 1):
+        for step in range(1, params.steps_to_run + 1):
             if progress is not None:
-                progress(step, params.num_inference_steps)
+                progress(step, params.steps_to_run)
         images = [
             GeneratedImage(Image.new("RGB", (params.width, params.height), seed_colour(s)), s) for s in params.seeds
         ]
@@ -105,6 +114,11 @@ class MemoryStorage:
             raise ValueError(f"invalid storage key {key!r}")
         self.objects[key] = (data, content_type)
         return StoredObject(key=key, url=f"/images/{key}")
+
+    def get(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise StorageError(f"no object {key}")
+        return self.objects[key][0]
 
     def delete(self, key: str) -> None:
         self.objects.pop(key, None)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import httpx
 
+from tests import background
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -92,3 +94,27 @@ def start_server(
         time.sleep(0.1)
     server.stop()
     raise RuntimeError(f"sdgate did not become ready in {timeout}s:\n{server.log()}")
+
+
+def _build_tiny_data() -> Path:
+    from sdgate.engine.builtin import ensure_builtin
+
+    root = background.workdir("tiny-data")
+    ensure_builtin("tiny", root / "models")
+    return root
+
+
+def tiny_data() -> Path:
+    """A data directory whose ``models/`` holds the built-in tiny model, built once per session.
+
+    Servers and in-process engines only read models: they may share it (symlink its ``models/``).
+    """
+    path: Path = background.get("tiny-data", _build_tiny_data)
+    return path
+
+
+def with_tiny_models(data_dir: Path) -> Path:
+    """``data_dir``, created, its ``models/`` the session's built tiny model."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "models").symlink_to(tiny_data() / "models")
+    return data_dir

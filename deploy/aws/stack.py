@@ -282,9 +282,17 @@ class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyp
                 resources=[bucket.arn_for_objects(f"{IMAGES_PREFIX}/*")],
             )
         )
+        # Get: the input images of image-to-image and inpainting jobs, which the API stored.
+        inputs = bucket.arn_for_objects(f"{IMAGES_PREFIX}/{PRIVATE_PREFIX}*")
+        worker.add_to_role_policy(iam.PolicyStatement(actions=["s3:GetObject"], resources=[inputs]))
         worker.add_to_role_policy(iam.PolicyStatement(actions=data_actions, resources=[table.table_arn]))
         api_function.add_to_role_policy(
             iam.PolicyStatement(actions=[*data_actions, "dynamodb:Query"], resources=[table.table_arn])
+        )
+        api_function.add_to_role_policy(
+            # A request's input images, under the private prefix before its job is handed over (Delete: a
+            # request refused after they were stored).
+            iam.PolicyStatement(actions=["s3:PutObject", "s3:DeleteObject"], resources=[inputs])
         )
         api_function.add_to_role_policy(
             iam.PolicyStatement(actions=["dynamodb:Query"], resources=[f"{table.table_arn}/index/*"])

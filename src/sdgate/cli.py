@@ -5,6 +5,7 @@ Every setting is a flag here and an ``SDGATE_*`` environment variable; flags win
 
 from __future__ import annotations
 
+import base64
 import logging
 import sys
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from sdgate.errors import SdgateError
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
+_INPUT = click.Path(exists=True, dir_okay=False, path_type=Path)
 
 
 def settings_options(func: F) -> F:
@@ -114,13 +116,35 @@ def serve(**options: Any) -> None:
 @click.option("--seed", type=int, help="Seed (image i uses seed + i).")
 @click.option("-n", "--num-images", type=int, default=1, show_default=True, help="How many images.")
 @click.option("--scheduler", help="euler, euler_a, ddim, dpmpp_2m, pndm, lms or unipc.")
+@click.option(
+    "--image",
+    "image_path",
+    type=_INPUT,
+    help="Start from this image (image-to-image): PNG, JPEG or WebP. The size defaults to its own.",
+)
+@click.option(
+    "--mask", "mask_path", type=_INPUT, help="With --image: repaint where this mask is white (or transparent)."
+)
+@click.option(
+    "--strength", type=float, help="With --image: how far from it, 0 < s <= 1 (default 0.8; 1.0 with --mask)."
+)
 @click.option("--async", "use_async", is_flag=True, help="With --url: submit a job and follow its progress events.")
 @settings_options
-def generate(prompt: str, output: Path, url: str | None, use_async: bool, **options: Any) -> None:
-    """Generate an image from PROMPT and write it to --output."""
+def generate(
+    prompt: str,
+    output: Path,
+    url: str | None,
+    use_async: bool,
+    image_path: Path | None,
+    mask_path: Path | None,
+    **options: Any,
+) -> None:
+    """Generate an image from PROMPT (and --image, to start from a picture) and write it to --output."""
     fmt = _FORMATS.get(output.suffix.lower())
     if fmt is None:
         raise click.UsageError(f"--output must end in .jpg, .png or .webp, got {output.name!r}")
+    if mask_path is not None and image_path is None:
+        raise click.UsageError("--mask needs --image: the mask says which part of the image to repaint")
     request_fields = (
         "negative_prompt",
         "width",
@@ -130,11 +154,16 @@ def generate(prompt: str, output: Path, url: str | None, use_async: bool, **opti
         "seed",
         "num_images",
         "scheduler",
+        "strength",
     )
     body = {k: options.pop(k) for k in request_fields if options.get(k) is not None}
     for k in request_fields:
         options.pop(k, None)
     body.update(prompt=prompt, output_format=fmt)
+    # Images go as in a JSON request, in base64: the server (or the service in process) checks them.
+    for name, path in (("image", image_path), ("mask", mask_path)):
+        if path is not None:
+            body[name] = base64.b64encode(path.read_bytes()).decode("ascii")
     try:
         if url:
             outputs = _generate_remote(url, body, output, use_async)
@@ -176,9 +205,10 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
     import asyncio
 
     from sdgate.errors import InvalidRequest
+    from sdgate.generation import read_inputs
     from sdgate.schemas import GenerationRequest
 
-    # 1. check inputs before loading anything
+    # 1. check inputs before loading anything, the input images included
     try:
         request = GenerationRequest(**body)
     except ValidationError as e:
@@ -186,6 +216,7 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
         raise InvalidRequest(
             f"{'.'.join(str(p) for p in first['loc'])}: {first['msg'].removeprefix('Value error, ')}"
         ) from None
+    read_inputs(request, settings)
     # 2. load, generate, store
     job = asyncio.run(_run_in_process(settings.model_copy(update={"warmup": False}), request))
     # 3. write the stored bytes
@@ -218,7 +249,7 @@ async def _run_in_process(settings: Settings, request: Any) -> Any:
             await runner.wait_ready(timeout=settings.backend_timeout_s)
         generation = await service.generate([request], surface=Surface.cli, caller=Caller(), wait_s=None)
         job = generation.job
-        with tqdm(total=job.params.num_inference_steps, desc="generating", unit="step", file=sys.stderr) as bar:
+        with tqdm(total=job.params.steps_to_run, desc="generating", unit="step", file=sys.stderr) as bar:
             async for event in runner.events(job.id):
                 step = int(event.data.get("progress", {}).get("step", bar.n)) if event.name else bar.n
                 bar.update(step - bar.n)

@@ -127,7 +127,14 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width*height a request may ask for.")
     max_images: int = Field(8, ge=1, le=64, description="Most images one request may ask for.")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt accepted.")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, description="Largest request body accepted.")
+    max_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest request body accepted where a route takes no images."
+    )
+    max_upload_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=1024,
+        description="Largest request body where a route takes images (multipart as sent, JSON with base64 images).",
+    )
 
     # -- access -----------------------------------------------------------------------------------
     auth: Literal["auto", "on", "off"] = Field(

@@ -11,7 +11,8 @@ The contract:
 
 - body fields ``prompt`` (string or list), ``width``, ``height`` (multiples of 8),
   ``num_images_per_prompt``, ``num_inference_steps``, ``guidance_scale``, ``negative_prompt``,
-  ``seed``; sdgate also takes ``scheduler``;
+  ``seed``; the inpainting model's ``image`` and ``mask_image`` (base64; ``image`` alone is
+  image-to-image); sdgate also takes ``scheduler`` and ``strength``;
 - ``Content-Type: application/json`` → ``{"generated_images": [...], "prompt": ...}``;
   ``application/x-text`` → the body is the prompt, answer ``{"generated_image": ..., "prompt": ...}``;
   an x-text body that parses as a JSON object with a ``prompt`` field is read as the JSON payload
@@ -36,8 +37,9 @@ from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sdgate.errors import InvalidRequest, MalformedRequest, UnsupportedMediaType
-from sdgate.imaging import from_rgb_lists, to_rgb_lists
+from sdgate.imaging import ImageInputs, from_rgb_lists, to_rgb_lists
 from sdgate.schemas import (
+    DEFAULT_STRENGTH,
     MAX_SEED,
     SCHEDULER_NAMES,
     GeneratedImage,
@@ -69,6 +71,11 @@ class JumpStartPayload(BaseModel):
     negative_prompt: str | list[str] | None = Field(None, description="One for all prompts, or one per prompt.")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="Seed of the first image; image k uses seed + k.")
     scheduler: str | None = Field(None, description=f"sdgate extension: one of {', '.join(SCHEDULER_NAMES)}.")
+    image: str | None = Field(None, description="Input image in base64 (PNG, JPEG or WebP): image-to-image.")
+    mask_image: str | None = Field(
+        None, description="With image: the inpainting mask in base64, white repaints and black keeps."
+    )
+    strength: float | None = Field(None, gt=0, le=1, description="How far from image (default 0.8; 1.0 with a mask).")
 
     @field_validator("prompt")
     @classmethod
@@ -222,11 +229,29 @@ def generation_requests(payload: JumpStartPayload) -> list[GenerationRequest]:
                 num_images=n,
                 scheduler=payload.scheduler,
                 output_format="jpeg",
+                image=payload.image,
+                mask=payload.mask_image,
+                strength=payload.strength,
             )
             for j, prompt in enumerate(payload.prompts)
         ]
     except ValidationError as e:  # what only sdgate's request checks (the scheduler name)
         raise _invalid(e) from None
+
+
+# sdgate's request fields that JumpStart's payload names otherwise.
+_PAYLOAD_NAMES = {"mask": "mask_image"}
+
+
+def in_payload_terms(error: InvalidRequest) -> InvalidRequest:
+    """``error`` about an sdgate request field, naming the payload's field instead (``mask`` → ``mask_image``)."""
+    name = _PAYLOAD_NAMES.get(error.field or "")
+    if name is None or error.field is None:
+        return error
+    message = error.message
+    if message.startswith(error.field + " "):
+        message = name + message[len(error.field) :]
+    return InvalidRequest(message, field=name, headers=error.headers)
 
 
 def render_image(data: bytes, pixels: Any, encoding: ImageEncoding) -> Any:
@@ -252,8 +277,12 @@ def render_response(invocation: Invocation, images: list[Any]) -> bytes:
 # -- client side ----------------------------------------------------------------------------------
 
 
-def request_payload(params: GenerationParams, seed: int) -> dict[str, Any]:
-    """The body asking an endpoint for one image with ``seed``, every value explicit."""
+def request_payload(params: GenerationParams, seed: int, inputs: ImageInputs | None = None) -> dict[str, Any]:
+    """The body asking an endpoint for one image with ``seed``, every value explicit.
+
+    Input images go as JumpStart's inpainting model takes them: ``image`` and ``mask_image`` in base64.
+    ``strength`` is sent only when it is not the mode's default, which an endpoint applies anyway.
+    """
     payload: dict[str, Any] = {
         "prompt": params.prompt,
         "width": params.width,
@@ -267,6 +296,12 @@ def request_payload(params: GenerationParams, seed: int) -> dict[str, Any]:
         payload["negative_prompt"] = params.negative_prompt
     if params.scheduler:
         payload["scheduler"] = params.scheduler
+    if inputs is not None:
+        payload["image"] = base64.b64encode(inputs.image.data).decode("ascii")
+        if inputs.mask is not None:
+            payload["mask_image"] = base64.b64encode(inputs.mask.data).decode("ascii")
+        if params.mode in DEFAULT_STRENGTH and params.strength != DEFAULT_STRENGTH[params.mode]:
+            payload["strength"] = params.strength
     return payload
 
 

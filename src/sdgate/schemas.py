@@ -62,6 +62,22 @@ class GenerationRequest(BaseModel):
     webhook_url: str | None = Field(
         None, max_length=2048, description="POSTed the finished job, signed (see the README's webhook section)."
     )
+    image: str | None = Field(
+        None,
+        description="Input image for image-to-image or inpainting: base64 or a data: URL of a PNG, JPEG or WebP. "
+        "Width and height default to its size, rounded down to a multiple of 8.",
+    )
+    mask: str | None = Field(
+        None,
+        description="Inpainting mask, the image's size: white repaints, black keeps; in a PNG with transparency, "
+        "transparent repaints. Needs image.",
+    )
+    strength: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="How far the result may move from image: 0 < strength <= 1 (default 0.8; 1.0 with a mask).",
+    )
 
     @field_validator("prompt")
     @classmethod
@@ -97,9 +113,24 @@ class ModelDefaults:
     torch_threads: int | None = None
 
 
+class Mode(StrEnum):
+    """What a generation starts from: text alone, an input image, or an image and a mask."""
+
+    txt2img = "txt2img"
+    img2img = "img2img"
+    inpaint = "inpaint"
+
+
+DEFAULT_STRENGTH = {Mode.img2img: 0.8, Mode.inpaint: 1.0}
+
+
 @dataclass(frozen=True)
 class GenerationParams:
-    """A fully resolved, validated request: every field set, one seed per image."""
+    """A fully resolved, validated request: every field set, one seed per image.
+
+    An image-to-image or inpainting request refers to its inputs by their storage keys (private, never
+    served): the record stays small and a job can run again, in this process or in another.
+    """
 
     prompt: str
     negative_prompt: str | None
@@ -111,18 +142,38 @@ class GenerationParams:
     scheduler: str | None
     output_format: ImageFormat
     quality: int
+    mode: Mode = Mode.txt2img
+    strength: float | None = None
+    """How far from the input image (img2img and inpaint); None for txt2img."""
+    image_key: str | None = None
+    mask_key: str | None = None
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
 
+    @property
+    def steps_to_run(self) -> int:
+        """Denoising steps the pipeline runs: from an image, only the last ``strength`` of the schedule."""
+        if self.mode is Mode.txt2img or self.strength is None:
+            return self.num_inference_steps
+        return min(int(self.num_inference_steps * self.strength), self.num_inference_steps)
+
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one pipeline call."""
-        return (self.width, self.height, self.num_inference_steps, self.guidance_scale, self.scheduler)
+        """Requests with equal keys can share one pipeline call (each row keeps its own inputs and seed)."""
+        return (
+            self.mode,
+            self.width,
+            self.height,
+            self.num_inference_steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.strength,
+        )
 
     def public(self) -> dict[str, Any]:
-        """Parameters as embedded in the image file and its sidecar."""
-        return {
+        """Parameters as embedded in the image file and its sidecar (the inputs' keys only in the sidecar)."""
+        fields: dict[str, Any] = {
             "prompt": self.prompt,
             "negative_prompt": self.negative_prompt,
             "width": self.width,
@@ -131,6 +182,9 @@ class GenerationParams:
             "guidance_scale": self.guidance_scale,
             "scheduler": self.scheduler,
         }
+        if self.mode is not Mode.txt2img:
+            fields.update(mode=self.mode.value, strength=self.strength)
+        return fields
 
 
 # -- responses ------------------------------------------------------------------------------------

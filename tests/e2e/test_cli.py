@@ -158,3 +158,128 @@ def test_generate_against_a_closed_port_is_a_clean_error(data_dir: Path) -> None
     assert_clean_error(proc, url)
     assert proc.returncode == 1
     assert not (data_dir / "o.jpg").exists()
+
+
+# -- image inputs: --image, --mask, --strength ------------------------------------------------------
+
+BOX = (16, 8, 48, 40)  # the repainted rectangle of the mask: left, top, right, bottom
+INPAINT = ["a lantern", "--steps", "2", "--seed", "5", "--strength", "0.6"]
+
+
+def write_inputs(folder: Path) -> tuple[Path, Path]:
+    """A 72x64 noise PNG (every pixel its own) and its black mask with a white (repaint) rectangle."""
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (64, 72, 3), dtype=np.uint8), "RGB")
+    mask = Image.new("L", (72, 64), 0)
+    mask.paste(255, BOX)
+    folder.mkdir(parents=True, exist_ok=True)
+    image.save(folder / "in.png")
+    mask.save(folder / "m.png")
+    return folder / "in.png", folder / "m.png"
+
+
+def kept() -> np.ndarray:
+    """Where the mask keeps the input: all but BOX."""
+    keep = np.ones((64, 72), dtype=bool)
+    left, top, right, bottom = BOX
+    keep[top:bottom, left:right] = False
+    return keep
+
+
+@pytest.fixture(scope="module")
+def inpainted_in_process(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Completed, Path]:
+    """``sdgate generate --image --mask --strength`` in process, once for the module."""
+    root = tmp_path_factory.mktemp("cli-inpaint")
+    data_dir = with_tiny(root / "data", tiny_model_dir)
+    image, mask = write_inputs(root)
+    out = root / "out.png"
+    args = ["-o", str(out), "--image", str(image), "--mask", str(mask), *INPAINT[1:]]
+    return sdgate(data_dir, "generate", INPAINT[0], *args), out
+
+
+def test_generate_with_image_and_mask_in_process_keeps_the_unmasked_area(
+    inpainted_in_process: tuple[Completed, Path],
+) -> None:
+    proc, out = inpainted_in_process
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"out\.png\s+seed=5\b", proc.stdout), proc.stdout
+    with Image.open(out) as im:
+        assert (im.format, im.size) == ("PNG", (72, 64))  # the input's size
+    got, sent = pixels(out), pixels(out.with_name("in.png"))
+    assert np.array_equal(got[kept()], sent[kept()])
+    assert not np.array_equal(got[~kept()], sent[~kept()])
+    meta = read_metadata(out.read_bytes())
+    assert meta is not None
+    assert (meta["mode"], meta["strength"], meta["seed"]) == ("inpaint", 0.6, 5)
+
+
+def test_generate_with_image_and_mask_against_a_server_gives_the_same_pixels(
+    server: ServerProcess, inpainted_in_process: tuple[Completed, Path], data_dir: Path, tmp_path: Path
+) -> None:
+    image, mask = write_inputs(tmp_path)
+    out = tmp_path / "remote.png"
+    args = ["-o", str(out), "--url", server.url, "--image", str(image), "--mask", str(mask), *INPAINT[1:]]
+    proc = sdgate(data_dir, "generate", INPAINT[0], *args, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert re.search(r"remote\.png\s+seed=5\b", proc.stdout), proc.stdout
+    with Image.open(out) as im:
+        assert (im.format, im.size) == ("PNG", (72, 64))
+    got = pixels(out)
+    assert np.array_equal(got[kept()], pixels(image)[kept()])
+    # the same model, seed and inputs: the same image in process or on the server (within 1, as above)
+    assert np.abs(got - pixels(inpainted_in_process[1])).max() <= 1
+    assert not (data_dir / "models").exists(), "--url must not load a model locally"
+
+
+def test_mask_without_image_is_a_usage_error(data_dir: Path) -> None:
+    _, mask = write_inputs(data_dir.parent)
+    proc = sdgate(data_dir, "generate", "a lantern", "-o", str(data_dir / "o.png"), "--mask", str(mask), timeout=60)
+    assert proc.returncode == 2  # click's usage error
+    assert "Traceback" not in proc.stderr
+    assert "--mask needs --image" in proc.stderr
+    assert not (data_dir / "o.png").exists()
+    assert not (data_dir / "models").exists()
+
+
+def test_a_missing_image_file_is_a_usage_error(data_dir: Path) -> None:
+    missing = data_dir.parent / "nowhere.png"
+    proc = sdgate(data_dir, "generate", "a lantern", "-o", str(data_dir / "o.png"), "--image", str(missing), timeout=60)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "nowhere.png" in proc.stderr
+
+
+def test_a_bad_image_file_in_process_is_a_clean_error(tmp_path: Path, tiny_model_dir: Path) -> None:
+    data_dir = with_tiny(tmp_path / "data", tiny_model_dir)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not a picture")
+    proc = sdgate(data_dir, "generate", "a lantern", "-o", str(tmp_path / "o.png"), "--image", str(bad), timeout=120)
+    assert_clean_error(proc, "image", "not a PNG, JPEG or WebP")
+    assert proc.returncode == 1
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_a_bad_image_file_against_a_server_is_a_clean_error(server: ServerProcess, tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"GIF89a" + b"\x00" * 64)
+    out = tmp_path / "o.png"
+    proc = sdgate(
+        data_dir, "generate", "a lantern", "-o", str(out), "--url", server.url, "--image", str(bad), timeout=60
+    )
+    assert_clean_error(proc, "image is a GIF")
+    assert proc.returncode == 1
+    assert not out.exists()
+
+
+def test_a_bad_image_file_is_refused_before_any_model_work(data_dir: Path) -> None:
+    """As every other bad input (above): the image is checked before the model is loaded or built."""
+    bad = data_dir.parent / "bad.png"
+    bad.write_text("not a picture")
+    proc = sdgate(data_dir, "generate", "a lantern", "-o", str(data_dir / "o.png"), "--image", str(bad), timeout=180)
+    assert_clean_error(proc, "image")
+    assert proc.returncode == 1
+    assert not (data_dir / "models").exists(), "the model was loaded (or built) for an image that was invalid"

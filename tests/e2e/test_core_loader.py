@@ -9,12 +9,12 @@ from __future__ import annotations
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.server import ServerProcess, start_server
+from tests import background
+from tests.server import ServerProcess, start_server, tiny_data
 
 
 def poll_readyz(server: ServerProcess, until: Callable[[httpx.Response], bool], timeout: float = 120) -> httpx.Response:
@@ -27,11 +27,12 @@ def poll_readyz(server: ServerProcess, until: Callable[[httpx.Response], bool], 
         time.sleep(0.1)
 
 
-@pytest.fixture(scope="module")
-def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    root = tmp_path_factory.mktemp("loader")
+def _servers() -> dict[str, ServerProcess]:
+    from sdgate.engine.builtin import ensure_builtin
+
+    root = background.workdir("loader")
     model_dir = root / "models" / "my-sd-pipeline"
-    shutil.copytree(tiny_model_dir, model_dir)
+    shutil.copytree(ensure_builtin("tiny", tiny_data() / "models"), model_dir)
     (model_dir / "sdgate-builtin.json").unlink()  # a plain diffusers directory, as a user would have
     started: dict[str, ServerProcess] = {}
     try:
@@ -39,6 +40,21 @@ def servers(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         started["missing"] = start_server(
             root / "missing-data", env={"SDGATE_MODEL": str(root / "does-not-exist")}, ready=False
         )
+    except BaseException:
+        for server in started.values():
+            server.stop()
+        raise
+    return started
+
+
+background.needs(__file__, loader_servers=_servers)
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, ServerProcess]]:
+    """A server loading a diffusers directory by path, and one given a path that does not exist."""
+    started: dict[str, ServerProcess] = background.take("loader_servers", _servers)
+    try:
         yield started
     finally:
         for server in started.values():

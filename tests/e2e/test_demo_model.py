@@ -4,7 +4,8 @@ Every check reads colours the same way: each pixel counts as the nearest of the 
 the model was trained on (plain RGB distance). A background is the most common colour of the
 image's border; a shape is the share of pixels of its colour. The same prompt then goes through the
 native HTTP API, the SageMaker contract (base64 JPEG and RGB lists) and the CLI, so that a swapped
-channel order or a broken encoding anywhere on the way shows as a wrong colour.
+channel order or a broken encoding anywhere on the way shows as a wrong colour. Image-to-image and
+inpainting start from one of the model's own pictures and measure how far the result is from it.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from PIL import Image
 
 from sdgate.demo.scenes import COLOURS
 from sdgate.engine.loader import DEMO_STEPS
+from tests import background
 from tests.server import ServerProcess, start_server
 
 NAMES = list(COLOURS)
@@ -152,10 +154,17 @@ def test_other_sizes_work(demo: Any) -> None:
 # -- end to end: HTTP, SageMaker, CLI ------------------------------------------------------------
 
 
+def _demo_server() -> ServerProcess:
+    return start_server(background.workdir("demo-server"), model=None)
+
+
+background.needs(__file__, demo_server=_demo_server)
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    """``sdgate serve`` with its default model, which is the demo model."""
-    srv = start_server(tmp_path_factory.mktemp("demo-server"), model=None)
+def server() -> Iterator[ServerProcess]:
+    """``sdgate serve`` with its default model, which is the demo model (made while earlier modules ran)."""
+    srv: ServerProcess = background.take("demo_server", _demo_server)
     yield srv
     srv.stop()
 
@@ -219,3 +228,126 @@ def test_cli_draws_the_prompt(tmp_path: Path) -> None:
     paths = [tmp_path / f"out-{i}.png" for i in range(len(SEEDS))]
     results = [shows_red_circle_on_blue(rgb(p.read_bytes())) for p in paths]
     assert sum(results) >= 3, results
+
+
+# -- end to end: image to image and inpainting ---------------------------------------------------
+
+
+def post_generation(server: ServerProcess, **kwargs: Any) -> list[np.ndarray]:
+    """POST /v1/generations (``json=`` or ``data=``/``files=``) and fetch its images' pixels."""
+    resp = httpx.post(f"{server.url}/v1/generations", timeout=180, **kwargs)
+    assert resp.status_code == 200, resp.text
+    images = resp.json()["images"]
+    return [rgb(httpx.get(image["url"], timeout=30).content) for image in images]
+
+
+def distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference per channel, 0..255."""
+    return float(np.mean(np.abs(a.astype(np.int16) - b.astype(np.int16))))
+
+
+def shape_region(img: np.ndarray) -> np.ndarray:
+    """Where the picture is not its background: pixels whose named colour is not the border's."""
+    return np.asarray(labels(img) != NAMES.index(border_colour(img)))
+
+
+def overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean regions."""
+    return float((a & b).sum() / max(1, (a | b).sum()))
+
+
+def png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def input_png(server: ServerProcess) -> bytes:
+    """The demo model's own PROMPT (seed 0), as png: a red circle on a blue background."""
+    resp = httpx.post(
+        f"{server.url}/v1/generations", json={"prompt": PROMPT, "seed": 0, "output_format": "png"}, timeout=120
+    )
+    assert resp.status_code == 200, resp.text
+    data = httpx.get(resp.json()["images"][0]["url"], timeout=30).content
+    assert shows_red_circle_on_blue(rgb(data))
+    return data
+
+
+def test_a_low_strength_keeps_the_input_and_strength_1_follows_the_prompt(
+    server: ServerProcess, input_png: bytes
+) -> None:
+    """Image-to-image from a red circle on blue, asking for a yellow square on green.
+
+    Measured on the shipped weights (seeds 0-3, 20 steps; mean absolute distance to the input, 0..255):
+
+    - strength 0.1: 11.4-12.7, border still blue, the shape where it was (overlap 0.87-0.92);
+    - strength 0.3: 51.2-51.8, the shape still where it was (overlap 0.76-0.85) and now yellow, but
+      the background has already left blue: it is purple for every seed;
+    - strength 1.0: 100.2-104.9, border green for every seed, the shape anywhere (overlap 0.01-0.22).
+    """
+    source = rgb(input_png)
+    b64 = base64.b64encode(input_png).decode("ascii")
+    results = {}
+    for strength in (0.1, 0.3, 1.0):
+        images = post_generation(
+            server,
+            json={
+                "prompt": "a yellow square on a green background",
+                "image": b64,
+                "strength": strength,
+                "seed": SEEDS[0],
+                "num_images": len(SEEDS),
+                "output_format": "png",
+            },
+        )
+        assert [img.shape for img in images] == [source.shape] * len(SEEDS)  # the size is the input's
+        results[strength] = images
+    dist = {s: [distance(img, source) for img in images] for s, images in results.items()}
+    kept = {s: [overlap(shape_region(img), shape_region(source)) for img in images] for s, images in results.items()}
+    borders = {s: [border_colour(img) for img in images] for s, images in results.items()}
+    report = (dist, kept, borders)
+
+    # distance grows with strength, seed by seed; at 0.3 it is about half of 1.0's (measured 0.50)
+    for low, mid, high in zip(dist[0.1], dist[0.3], dist[1.0], strict=True):
+        assert low < mid < high, report
+    assert np.mean(dist[0.1]) < 25, report
+    assert np.mean(dist[0.3]) < 0.7 * np.mean(dist[1.0]), report
+    # a low strength keeps the picture: the colours at 0.1, the layout at 0.1 and 0.3
+    assert borders[0.1].count("blue") >= 3, report
+    assert min(kept[0.1] + kept[0.3]) > 0.6, report
+    # strength 1 follows the new prompt and not the input's layout
+    assert borders[1.0].count("green") >= 3, report
+    assert np.mean(kept[1.0]) < 0.4, report
+
+
+def test_inpainting_keeps_the_unmasked_area_and_repaints_the_masked_one(
+    server: ServerProcess, input_png: bytes
+) -> None:
+    """Inpainting the left half of a red circle on blue with a green background, sent as multipart.
+
+    Measured on the shipped weights (seeds 0-3): the right half is the input exactly (distance 0);
+    the left half moved 90-97 from the input and is 75-81% green (the input's: 0% green).
+    """
+    source = rgb(input_png)
+    half = source.shape[1] // 2
+    mask = np.zeros(source.shape[:2], dtype=np.uint8)
+    mask[:, :half] = 255  # white repaints
+    files = {
+        "image": ("input.png", input_png, "image/png"),
+        "mask": ("mask.png", png_bytes(Image.fromarray(mask, "L")), "image/png"),
+    }
+    form = {
+        "prompt": "a small white circle on a green background",
+        "seed": str(SEEDS[0]),
+        "num_images": str(len(SEEDS)),
+        "output_format": "png",
+    }
+    images = post_generation(server, data=form, files=files)
+    assert [img.shape for img in images] == [source.shape] * len(SEEDS)
+    assert share(source[:, :half], "green") == 0
+    for img in images:
+        assert np.array_equal(img[:, half:], source[:, half:]), distance(img[:, half:], source[:, half:])
+    left = [(distance(img[:, :half], source[:, :half]), share(img[:, :half], "green")) for img in images]
+    assert all(d > 40 for d, _ in left), left
+    assert sum(green >= 0.5 for _, green in left) >= 3, left

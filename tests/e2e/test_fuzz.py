@@ -29,6 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
+from tests import background
 from tests.apikeys import create_key
 from tests.server import ServerProcess, start_server
 
@@ -66,9 +67,8 @@ ROUTES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerProcess, str]]:
-    data_dir = tmp_path_factory.mktemp("fuzz")
+def _fuzz_server() -> tuple[ServerProcess, str]:
+    data_dir = background.workdir("fuzz")
     key = create_key(data_dir, "fuzzer")
     srv = start_server(
         data_dir,
@@ -82,8 +82,18 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
             "SDGATE_SYNC_TIMEOUT": "10",
         },
     )
-    yield srv, key
-    srv.stop()
+    return srv, key
+
+
+background.needs(__file__, fuzz_server=_fuzz_server)
+
+
+@pytest.fixture(scope="module")
+def fuzz_server() -> Iterator[tuple[ServerProcess, str]]:
+    """The module's server, made while the modules before this one ran (tests/background.py)."""
+    made: tuple[ServerProcess, str] = background.take("fuzz_server", _fuzz_server)
+    yield made
+    made[0].stop()
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ backend ``sagemaker`` (boto3, through ``AWS_ENDPOINT_URL_SAGEMAKER_RUNTIME``) or
 from __future__ import annotations
 
 import base64
+import io
 import json
 import uuid
 from collections.abc import Iterator
@@ -18,13 +19,26 @@ from urllib.parse import urlsplit
 
 import boto3
 import httpx
+import numpy as np
 import pytest
 from botocore.exceptions import ClientError
+from PIL import Image
 
 from sdgate.imaging import read_metadata
 from sdgate.storage import is_valid_key
-from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size, objects, sidecar_object, start_gateway
+from tests import background
+from tests.aws_fixtures import (
+    FAKE_CREDENTIALS,
+    REGION,
+    jpeg_size,
+    make_endpoint,
+    objects,
+    sidecar_object,
+    start_gateway,
+)
 from tests.server import ServerProcess, free_port
+
+background.needs(__file__, endpoint=make_endpoint)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -149,8 +163,23 @@ def test_backend_http_keeps_per_image_seeds(
             f"{gw.url}/v1/generations", json={"prompt": "a boat", "num_images": 2, "seed": 41}, timeout=120
         )
         models = httpx.get(f"{gw.url}/v1/models", timeout=10).json()
+        # Image inputs go through to the endpoint as well: the kept half of an inpainting is the input's.
+        inputs = inpainting_inputs()
+        inpainted = httpx.post(
+            f"{gw.url}/v1/generations",
+            json={"prompt": "a boat", "seed": 3, "num_inference_steps": 2, "output_format": "png", **inputs},
+            timeout=120,
+        )
     finally:
         gw.stop()
+    assert inpainted.status_code == 200, inpainted.text
+    [painted] = inpainted.json()["images"]
+    with Image.open(io.BytesIO(httpx.get(painted["url"], timeout=30).content)) as im:
+        out = np.asarray(im.convert("RGB"), dtype=np.int16)
+    with Image.open(io.BytesIO(base64.b64decode(inputs["image"]))) as im:
+        source = np.asarray(im.convert("RGB"), dtype=np.int16)
+    # The endpoint answers JPEG, which the gateway decodes and stores as PNG: kept means within JPEG's error.
+    assert np.abs(out[:, 40:] - source[:, 40:]).mean() < np.abs(out[:, :24] - source[:, :24]).mean() / 2
     assert resp.status_code == 200, resp.text
     assert models["data"][0]["backend"] == "http"
     assert models["data"][0]["id"] == "tiny"  # read from the endpoint's model card
@@ -161,6 +190,61 @@ def test_backend_http_keeps_per_image_seeds(
         meta = read_metadata(data)  # written by the endpoint, stored by the gateway without re-encoding
         assert meta is not None and meta["seed"] == img["seed"] and meta["model"] == "tiny"
         assert len(data) == img["bytes"]
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def inpainting_inputs() -> dict[str, str]:
+    """A 64x64 picture (flat 16x16 blocks, which JPEG keeps well) and a mask that repaints its left half."""
+    rng = np.random.default_rng(5)
+    blocks = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8), "RGB")
+    picture = blocks.resize((64, 64), Image.Resampling.NEAREST)
+    mask = Image.new("L", (64, 64), 0)
+    mask.paste(255, (0, 0, 32, 64))
+    return {"image": png_b64(picture), "mask": png_b64(mask)}
+
+
+def test_image_inputs_pass_through_the_gateway_to_the_endpoint(
+    gateway: ServerProcess, endpoint: ServerProcess, s3: S3Client, gateway_bucket: str
+) -> None:
+    """Native inpainting at the gateway (backend sagemaker) is the endpoint's JumpStart inpainting, to the byte;
+    the gateway keeps the inputs in its bucket, under the private prefix."""
+    inputs = inpainting_inputs()
+    before = set(objects(s3, gateway_bucket))
+    resp = httpx.post(
+        f"{gateway.url}/v1/generations",
+        json={"prompt": "a boat", "seed": 8, "num_inference_steps": 2, "strength": 0.9, **inputs},
+        timeout=120,
+    )
+    assert resp.status_code == 200, resp.text
+    [image] = resp.json()["images"]
+    via_gateway = httpx.get(image["url"], timeout=30).content
+    direct = httpx.post(
+        f"{endpoint.url}/invocations",
+        json={
+            "prompt": "a boat",
+            "seed": 8,
+            "num_inference_steps": 2,
+            "strength": 0.9,
+            "image": inputs["image"],
+            "mask_image": inputs["mask"],
+        },
+        headers={"Accept": "application/json;jpeg"},
+        timeout=120,
+    )
+    assert direct.status_code == 200, direct.text
+    assert via_gateway == base64.b64decode(direct.json()["generated_images"][0])
+    meta = read_metadata(via_gateway)
+    assert meta is not None and (meta["mode"], meta["strength"]) == ("inpaint", 0.9)
+    added = set(objects(s3, gateway_bucket)) - before
+    private = sorted(k for k in added if k.startswith("generated/private/") and k.endswith(".png"))
+    assert len(private) == 2, added  # the picture and the mask, never under a public key
+    stored = {s3.get_object(Bucket=gateway_bucket, Key=k)["Body"].read() for k in private}
+    assert base64.b64decode(inputs["image"]) in stored
 
 
 def test_the_gateway_is_an_endpoint_too(gateway: ServerProcess) -> None:

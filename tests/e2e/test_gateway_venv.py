@@ -15,8 +15,10 @@ import httpx
 import pytest
 
 from tests import background
-from tests.aws_fixtures import FAST, jpeg_size
+from tests.aws_fixtures import FAST, jpeg_size, make_endpoint
 from tests.server import ServerProcess, start_server
+
+background.needs(__file__, endpoint=make_endpoint)
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -27,6 +27,7 @@ import httpx
 import pytest
 
 from sdgate.jobs.webhooks import SIGNATURE_HEADER, verify
+from tests import background
 from tests.server import ServerProcess, start_server
 
 QUEUE_SIZE = 3
@@ -53,10 +54,17 @@ JOBS_ENV = {
 }
 
 
+def _jobs_server() -> ServerProcess:
+    return start_server(background.workdir("jobs-server"), env=JOBS_ENV)
+
+
+background.needs(__file__, jobs_server=_jobs_server)
+
+
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+def servers() -> Iterator[list[ServerProcess]]:
     """The module's server processes, the current one last: the crash test replaces it with a restart."""
-    started = [start_server(tmp_path_factory.mktemp("jobs-server"), env=JOBS_ENV)]
+    started: list[ServerProcess] = [background.take("jobs_server", _jobs_server)]
     yield started
     for srv in started:
         srv.stop()

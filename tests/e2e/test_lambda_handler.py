@@ -31,8 +31,11 @@ import pytest
 
 from sdgate.jobs.webhooks import SIGNATURE_HEADER, verify
 from sdgate.storage import is_valid_key
-from tests.aws_fixtures import FAKE_CREDENTIALS, FAST, REGION, jpeg_size, objects, sidecar_object
+from tests import background
+from tests.aws_fixtures import FAKE_CREDENTIALS, FAST, REGION, jpeg_size, make_endpoint, objects, sidecar_object
 from tests.server import ServerProcess, free_port
+
+background.needs(__file__, endpoint=make_endpoint)
 
 if TYPE_CHECKING:
     from mypy_boto3_dynamodb import DynamoDBClient
@@ -160,6 +163,7 @@ class LambdaService:
 _CONTAINER = """
 import json, sys
 from sdgate.aws.lambda_handler import handler
+
 for line in sys.stdin:
     print(json.dumps(handler(json.loads(line), None)), flush=True)
 """

@@ -41,8 +41,9 @@ from PIL import Image
 
 from sdgate.auth import KeyStore
 from sdgate.paths import DataPaths
+from tests import background
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size
-from tests.server import ServerProcess, start_server
+from tests.server import ServerProcess, start_server, with_tiny_models
 
 TIMEOUT = 60
 JPEG_ACCEPT = "application/json;jpeg"
@@ -87,17 +88,9 @@ class Secured:
     jobs: str  # no limits: the job-list test (before/after, so its tests may share it)
 
 
-def with_tiny_models(data_dir: Path, tiny_data_dir: Path) -> Path:
-    """A data directory whose models/ is the session's built tiny model (servers and the CLI only read it)."""
-    data_dir.mkdir(parents=True, exist_ok=True)
-    (data_dir / "models").symlink_to(tiny_data_dir / "models")
-    return data_dir
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> Iterator[Secured]:
+def _secured() -> Secured:
     """``SDGATE_AUTH=on``, SageMaker mode off: every surface needs a key, and charges it."""
-    secured_dir = with_tiny_models(tmp_path_factory.mktemp("one-path") / "secured", tiny_data_dir)
+    secured_dir = with_tiny_models(background.workdir("one-path") / "secured")
     # (name, rate per minute, images per day); made in the server's key store before it starts (the
     # `sdgate keys` CLI that writes the same store is tested in test_security.py)
     wanted: list[tuple[str, int | None, int | None]] = [(f"quota-{s}", None, QUOTA) for s in SURFACES]
@@ -107,14 +100,24 @@ def secured(tmp_path_factory: pytest.TempPathFactory, tiny_data_dir: Path) -> It
     made = {name: store.create(name, rate, quota)[0] for name, rate, quota in wanted}
     store.close()
     srv = start_server(secured_dir, env={"SDGATE_AUTH": "on", **SERVER_ENV})
-    yield Secured(
+    return Secured(
         server=srv,
         quota={s: made[f"quota-{s}"] for s in SURFACES},
         rate={s: made[f"rate-{s}"] for s in SURFACES},
         images=made["images"],
         jobs=made["jobs"],
     )
-    srv.stop()
+
+
+background.needs(__file__, one_path_secured=_secured)
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[Secured]:
+    """The module's server, made while the modules before this one ran (tests/background.py)."""
+    made: Secured = background.take("one_path_secured", _secured)
+    yield made
+    made.server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -405,10 +408,10 @@ def sdgate_generate(data_dir: Path, *args: str) -> subprocess.CompletedProcess[s
 
 
 def test_the_cli_against_the_server_gives_the_same_pixels(
-    open_server: ServerProcess, native_png: np.ndarray, tiny_data_dir: Path, tmp_path: Path
+    open_server: ServerProcess, native_png: np.ndarray, tmp_path: Path
 ) -> None:
     """The CLI in process gives the same pixels as against a server: tests/e2e/test_cli.py."""
-    data_dir = with_tiny_models(tmp_path / "data", tiny_data_dir)
+    data_dir = with_tiny_models(tmp_path / "data")
     out = tmp_path / "x.png"
     proc = sdgate_generate(data_dir, "-o", str(out), "--url", open_server.url)
     assert proc.returncode == 0, proc.stderr

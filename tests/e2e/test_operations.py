@@ -25,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sdgate.jobstore import SqliteJobStore
 from sdgate.schemas import JobStatus
+from tests import background
 from tests.server import ServerProcess, start_server
 
 TIMEOUT = 120  # per request: generous on a shared two-core machine; a hang fails, slowness does not
@@ -42,10 +43,17 @@ OPS_ENV = {
 }
 
 
+def _ops_server() -> ServerProcess:
+    return start_server(background.workdir("ops"), env=OPS_ENV)
+
+
+background.needs(__file__, ops_server=_ops_server)
+
+
 @pytest.fixture(scope="module")
-def ops(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+def ops() -> Iterator[list[ServerProcess]]:
     """The module's server; a list, since the shutdown test replaces it with a restarted one."""
-    servers = [start_server(tmp_path_factory.mktemp("ops"), env=OPS_ENV)]
+    servers: list[ServerProcess] = [background.take("ops_server", _ops_server)]
     yield servers
     for srv in servers:
         srv.stop()

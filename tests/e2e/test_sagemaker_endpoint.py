@@ -18,8 +18,11 @@ import pytest
 from botocore.exceptions import ClientError
 
 from sdgate.imaging import read_metadata
-from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size
+from tests import background
+from tests.aws_fixtures import FAKE_CREDENTIALS, REGION, jpeg_size, make_endpoint
 from tests.server import ServerProcess
+
+background.needs(__file__, endpoint=make_endpoint)
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client

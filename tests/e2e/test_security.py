@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests import background
 from tests.apikeys import create_key, keys_cli
 from tests.server import ServerProcess, start_server
 
@@ -44,9 +45,8 @@ class Secured:
     keys: Keys
 
 
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    data_dir = tmp_path_factory.mktemp("secured")
+def _secured() -> Secured:
+    data_dir = background.workdir("secured")
     keys = Keys(
         a=create_key(data_dir, "alice"),
         b=create_key(data_dir, "bob"),
@@ -54,7 +54,16 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
         quota=create_key(data_dir, "quota", "--quota", "2"),
         doomed=create_key(data_dir, "doomed"),
     )
-    secured = Secured(start_server(data_dir, env=SECURED_ENV), keys)
+    return Secured(start_server(data_dir, env=SECURED_ENV), keys)
+
+
+background.needs(__file__, security_secured=_secured)
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[Secured]:
+    """The module's server, made while the modules before this one ran (tests/background.py)."""
+    secured: Secured = background.take("security_secured", _secured)
     yield secured
     secured.server.stop()  # the one running now: a test restarts it
 

@@ -8,8 +8,11 @@ import re
 import httpx
 import pytest
 
-from tests.aws_fixtures import jpeg_size
+from tests import background
+from tests.aws_fixtures import jpeg_size, make_endpoint
 from tests.server import ServerProcess
+
+background.needs(__file__, endpoint=make_endpoint)
 
 
 def test_post_answers_the_lambdas_shape_with_a_working_url(endpoint: ServerProcess) -> None:

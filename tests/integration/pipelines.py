@@ -42,6 +42,12 @@ class ScriptedPipeline:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:
+        # The class of the real pipeline: diffusers' AutoPipeline*.from_pipe picks its image-to-image
+        # and inpainting classes by it (those run the real pipeline's modules, without this seam).
+        return type(self._inner)
+
     def __call__(self, **kwargs: Any) -> Any:
         prompts = list(kwargs["prompt"])
         self.calls.append(prompts)

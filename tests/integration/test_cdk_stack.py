@@ -260,8 +260,10 @@ def test_the_worker_may_invoke_the_one_endpoint_and_write_under_the_images_prefi
     assert by_action["dynamodb:GetItem"] == by_action["dynamodb:PutItem"] == table
     logs = [n for n in resources(existing, "AWS::Logs::LogGroup") if n.startswith("WorkerFunction")]
     assert by_action["logs:PutLogEvents"] == "${" + logs[0] + ".Arn}"
+    assert by_action["s3:GetObject"] == images.replace("/images/*", "/images/private/*")  # input images only
     assert set(by_action) == {
         "sagemaker:InvokeEndpoint",
+        "s3:GetObject",
         "s3:PutObject",
         "s3:DeleteObject",
         "dynamodb:GetItem",
@@ -271,7 +273,7 @@ def test_the_worker_may_invoke_the_one_endpoint_and_write_under_the_images_prefi
     }
 
 
-def test_the_api_function_may_only_record_jobs_and_invoke_the_worker(existing: Template) -> None:
+def test_the_api_function_may_only_record_jobs_store_inputs_and_invoke_the_worker(existing: Template) -> None:
     api = policy_of(existing, "ApiFunction")
     actions = {a for s in api for a in as_list(s["Action"])}
     assert actions == {
@@ -281,7 +283,14 @@ def test_the_api_function_may_only_record_jobs_and_invoke_the_worker(existing: T
         "lambda:InvokeFunction",
         "logs:CreateLogStream",
         "logs:PutLogEvents",
+        "s3:PutObject",
+        "s3:DeleteObject",
     }
+    # Objects only under the private prefix: the input images of requests, never an image or a sidecar.
+    inputs = "${" + bucket_name(existing) + ".Arn}/images/private/*"
+    for s in api:
+        if any(a.startswith("s3:") for a in as_list(s["Action"])):
+            assert flat(s["Resource"]) == inputs
     [invoke] = [s for s in api if s["Action"] == "lambda:InvokeFunction"]
     worker, _ = function(existing, "WorkerFunction")
     assert invoke["Resource"] == {"Fn::GetAtt": [worker, "Arn"]}

@@ -21,7 +21,7 @@ from sdgate.generation import resolve_request
 from sdgate.jobs import JobRunner
 from sdgate.jobstore import SqliteJobStore
 from sdgate.schemas import GenerationRequest, Surface
-from sdgate.storage import StoredObject, create_storage, is_public_key, is_valid_key, new_key, sidecar_key
+from sdgate.storage import StoredObject, create_storage, input_key, is_public_key, is_valid_key, new_key, sidecar_key
 from sdgate.storage.s3 import S3Storage
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
 from tests.fakes import FakeBackend
@@ -119,7 +119,20 @@ def test_a_sidecar_goes_under_the_private_prefix_after_the_s3_prefix(s3_server: 
     storage.delete(sidecar)  # missing: not an error
     assert {o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"]} == {f"images/{key}"}
     with pytest.raises(ValueError, match="invalid storage key"):
-        storage.put(JPEG, f"private/{key}", "image/webp")  # an image is never private
+        storage.put(JPEG, f"private/{key.removesuffix('.webp')}.gif", "image/gif")  # not a key sdgate makes
+
+
+def test_an_input_image_is_private_uncached_and_read_back(s3_server: str, s3: S3Client, bucket: str) -> None:
+    storage = storage_for(s3_server, bucket, s3_prefix="images/")
+    key = input_key("png")
+    assert key.startswith("private/") and not is_public_key(key)
+    storage.put(b"the user's picture", key, "image/png")
+    head = s3.head_object(Bucket=bucket, Key=f"images/{key}")
+    assert head["CacheControl"] == "private, no-store"  # never cached as public, whatever the setting
+    assert storage.get(key) == b"the user's picture"
+    storage.delete(key)
+    with pytest.raises(StorageError, match="could not read"):
+        storage.get(key)
 
 
 def test_a_missing_bucket_is_a_clear_storage_error_and_writes_nothing(s3_server: str, s3: S3Client) -> None:

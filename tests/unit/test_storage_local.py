@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 
 from sdgate.config import Settings
 from sdgate.errors import SdgateError, StorageError
-from sdgate.storage import create_storage, is_public_key, is_valid_key, new_key, sidecar_key
+from sdgate.storage import create_storage, input_key, is_public_key, is_valid_key, new_key, sidecar_key
 from sdgate.storage.local import LocalStorage
 
 KEY = re.compile(r"^(\d{4})/(\d{2})/(\d{2})/([0-9a-f]{32})\.(\w+)$")
@@ -154,8 +154,7 @@ def test_keys_sdgate_could_not_have_made_are_rejected(storage: LocalStorage, key
 @pytest.mark.parametrize(
     "key",
     [
-        f"private/{GOOD}.jpeg",  # an image is never private
-        f"private/{GOOD}.png",
+        f"private/{GOOD}.gif",  # an input image is a PNG, JPEG or WebP
         f"private/private/{GOOD}.json",
         f"private/../{GOOD}.json",
         f"private//{GOOD}.json",
@@ -199,6 +198,18 @@ def test_the_sidecar_of_an_image_is_under_the_private_prefix(ext: str) -> None:
 def test_only_an_image_key_has_a_sidecar(key: str) -> None:
     with pytest.raises(ValueError, match="not an image key"):
         sidecar_key(key)
+
+
+@pytest.mark.parametrize("ext", ["jpeg", "png", "webp"])
+def test_an_input_image_is_stored_under_the_private_prefix_and_read_back(storage: LocalStorage, ext: str) -> None:
+    key = input_key(ext)
+    assert key.startswith("private/") and key.endswith(f".{ext}")
+    assert is_valid_key(key) and not is_public_key(key)
+    storage.put(b"the user's picture", key, f"image/{ext}")
+    assert storage.get(key) == b"the user's picture"
+    storage.delete(key)
+    with pytest.raises(StorageError, match="could not read"):
+        storage.get(key)
 
 
 def test_a_sidecar_beside_its_image_is_valid_but_not_public() -> None:

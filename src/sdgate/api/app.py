@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import Depends, FastAPI
 
@@ -19,6 +20,7 @@ from sdgate.auth import Guard, KeyStore
 from sdgate.backends import Backend, BackendState, create_backend
 from sdgate.config import Settings, is_loopback
 from sdgate.generation import GenerationService
+from sdgate.imaging import limit_decoding
 from sdgate.jobs import Dispatcher, JobRunner
 from sdgate.jobstore import JobStore, create_job_store
 from sdgate.metrics import Metrics
@@ -84,11 +86,26 @@ def create_app(
     app.state.guard = guard
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
+    limit_decoding(settings.max_pixels)  # Pillow's own decompression-bomb limit, for any image it opens
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413s included
     for router in (native, health, images, metrics_route, sagemaker, text2image):
         app.include_router(router.router)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Add the schemas of the bodies routes read themselves (JSON or multipart) to the OpenAPI document."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            build()["components"]["schemas"].update(native.request_schemas())
+        assert app.openapi_schema is not None
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _warn_about_access(settings: Settings, guard: Guard) -> None:

@@ -6,6 +6,8 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -14,19 +16,28 @@ from sdgate import logs
 from sdgate.metrics import Metrics
 
 _access = logging.getLogger("sdgate.access")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def takes_images(endpoint: F) -> F:
+    """Mark a route whose body may carry input images: its body limit is ``SDGATE_MAX_UPLOAD_BYTES``."""
+    endpoint.takes_images = True  # type: ignore[attr-defined]
+    return endpoint
 
 
 class BodyLimit:
-    """Refuses request bodies over ``max_bytes`` with 413, while they are read.
+    """Refuses request bodies over their limit with 413, while they are read.
 
-    The refusal is raised when the route reads the body (a ``Content-Length`` over the limit on the
-    first read, before any byte is taken), so that it reaches that route's error shape: an oversized
-    SageMaker request gets a SageMaker-shaped error.
+    The limit is ``max_bytes``, or ``upload_bytes`` where the route is marked :func:`takes_images`;
+    the route is known by then, since the refusal is raised when the route reads the body (a
+    ``Content-Length`` over the limit on the first read, before any byte is taken). So it also
+    reaches that route's error shape: an oversized SageMaker request gets a SageMaker-shaped error.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_bytes: int | None = None):
         self.app = app
         self.max_bytes = max_bytes
+        self.upload_bytes = upload_bytes or max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -43,21 +54,23 @@ class BodyLimit:
 
         async def limited_receive() -> Message:
             nonlocal seen
-            if declared > self.max_bytes:
-                raise self._too_large()
+            endpoint = getattr(scope.get("route"), "endpoint", None)  # set by the router before any read
+            limit = self.upload_bytes if getattr(endpoint, "takes_images", False) else self.max_bytes
+            if declared > limit:
+                raise self._too_large(limit)
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise self._too_large()
+                if seen > limit:
+                    raise self._too_large(limit)
             return message
 
         await self.app(scope, limited_receive, send)
 
-    def _too_large(self) -> HTTPException:
+    def _too_large(self, limit: int) -> HTTPException:
         # An HTTPException passes through FastAPI's body parsing unchanged (other exceptions there
         # become a generic 400) and reaches the route's error shape.
-        return HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
+        return HTTPException(413, f"request body exceeds {limit} bytes")
 
 
 _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")

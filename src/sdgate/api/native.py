@@ -1,17 +1,32 @@
-"""The native v1 API: generations (sync and async), jobs, progress events, models."""
+"""The native v1 API: generations (sync and async), jobs, progress events, models.
+
+``POST /v1/generations`` takes its request as JSON (images in base64 or as ``data:`` URLs) or as
+``multipart/form-data``, what browsers and ``curl -F`` send: files ``image`` and ``mask``, the other
+fields as form fields. Both become the same :class:`~sdgate.schemas.GenerationRequest`.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from sdgate.api.access import AUTH_RESPONSES, caller_of
 from sdgate.api.context import Ctx, JsonBody, absolute_url
+from sdgate.api.middleware import takes_images
 from sdgate.backends import BackendState
+from sdgate.errors import InvalidRequest, MalformedRequest, UnsupportedMediaType
 from sdgate.jobs import request_hash
+from sdgate.jumpstart import media_type
 from sdgate.schemas import (
     SCHEDULER_NAMES,
     ErrorBody,
@@ -23,7 +38,7 @@ from sdgate.schemas import (
     Surface,
 )
 
-router = APIRouter(prefix="/v1", tags=["generations"], dependencies=[JsonBody])
+router = APIRouter(prefix="/v1", tags=["generations"])
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     **AUTH_RESPONSES,
@@ -53,20 +68,113 @@ def _accepted(request: Request, resp: GenerationResponse) -> JSONResponse:
     )
 
 
-@router.post("/generations", response_model=GenerationResponse, responses={**_ERRORS, **_ASYNC})
+_FILES = ("image", "mask")
+# Parsing a large JSON body takes milliseconds: off the event loop above this size.
+_LARGE_BODY = 256 * 1024
+
+
+_SCHEMAS = "#/components/schemas/"
+
+
+def request_schemas() -> dict[str, Any]:
+    """The OpenAPI components of the generation body, JSON and form (the route reads its body itself,
+    so FastAPI does not collect them: ``create_app`` adds them)."""
+    schema = GenerationRequest.model_json_schema(ref_template=_SCHEMAS + "{model}")
+    form = json.loads(json.dumps(schema))
+    form["title"] = form["description"] = "Body of ``POST /v1/generations`` as multipart/form-data."
+    for name in _FILES:
+        form["properties"][name] = {
+            "type": "string",
+            "format": "binary",
+            "description": schema["properties"][name]["description"].split(":", 1)[0] + " (a file).",
+        }
+    return {"GenerationRequest": schema, "GenerationRequestForm": form}
+
+
+def _request_body_doc() -> dict[str, Any]:
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": _SCHEMAS + "GenerationRequest"}},
+                "multipart/form-data": {"schema": {"$ref": _SCHEMAS + "GenerationRequestForm"}},
+            },
+        }
+    }
+
+
+async def decode_generation(request: Request) -> GenerationRequest:
+    """The request of a JSON or multipart body. Raises a 4xx that says what to fix."""
+    media = media_type(request.headers.get("content-type"))
+    data: Any
+    if media == "multipart/form-data":
+        data = await _form(request)
+    elif not media or media == "application/json" or media.endswith("+json"):
+        raw = await request.body()
+        try:
+            data = await asyncio.to_thread(json.loads, raw) if len(raw) > _LARGE_BODY else json.loads(raw)
+        except ValueError:
+            raise MalformedRequest("the body is not valid JSON") from None
+    else:
+        raise UnsupportedMediaType(f"send the body as application/json or multipart/form-data, not {media!r}")
+    if not isinstance(data, dict):
+        raise InvalidRequest("the body must be a JSON object with a prompt field", field="body")
+    try:
+        return GenerationRequest.model_validate(data)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors(include_url=False, include_input=False)) from None
+
+
+async def _form(request: Request) -> dict[str, Any]:
+    """Form fields as request fields; the files ``image`` and ``mask`` in base64, like the JSON form."""
+    try:
+        form = await request.form(max_files=len(_FILES), max_fields=len(GenerationRequest.model_fields))
+    except HTTPException as e:
+        if e.status_code == 413:
+            raise
+        raise MalformedRequest(f"the multipart body could not be read: {e.detail}") from None
+    data: dict[str, Any] = {}
+    try:
+        for name, value in form.multi_items():
+            if name in data:
+                raise InvalidRequest(f"{name} is given more than once", field=name)
+            if isinstance(value, UploadFile):
+                if name not in _FILES:
+                    raise InvalidRequest(f"{name} cannot be a file; only {' and '.join(_FILES)} can", field=name)
+                content = await value.read()
+                if content or value.filename:  # a browser's empty file input sends neither
+                    data[name] = base64.b64encode(content).decode("ascii")
+            elif value != "" or name == "prompt":  # an empty optional field of a browser form: not given
+                data[name] = value
+    finally:
+        await form.close()
+    return data
+
+
+@router.post(
+    "/generations",
+    response_model=GenerationResponse,
+    responses={**_ERRORS, **_ASYNC},
+    openapi_extra=_request_body_doc(),
+)
+@takes_images
 async def create_generation(
-    body: GenerationRequest,
     request: Request,
     ctx: Ctx,
     prefer: Annotated[str | None, Header(description="`respond-async` answers 202 at once")] = None,
     idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
 ) -> Any:
-    """Generate images from a prompt; answers with the URLs of the stored images.
+    """Generate images from a prompt, or from a prompt and an image (and a mask to inpaint);
+    answers with the URLs of the stored images.
 
-    Steps: validate (before any model work) → charge the key → record and queue the job → answer
-    when it ends (sync), at once with 202 (``Prefer: respond-async``), or with 202 when it outlasts
-    ``SDGATE_SYNC_TIMEOUT``.
+    The body is JSON (`image` and `mask` in base64 or as `data:` URLs) or `multipart/form-data`
+    (files `image` and `mask`, the other fields as form fields).
+
+    Steps: decode → validate (before any model work) → charge the key → store the inputs, record and
+    queue the job → answer when it ends (sync), at once with 202 (``Prefer: respond-async``), or with
+    202 when it outlasts ``SDGATE_SYNC_TIMEOUT``.
     """
+    body = await decode_generation(request)
     want_async = prefer is not None and "respond-async" in prefer.lower()
     generation = await ctx.service.generate(
         [body],
@@ -105,7 +213,13 @@ async def get_job(job_id: str, request: Request, ctx: Ctx) -> GenerationResponse
     return _public(request, ctx.jobs.view(ctx.jobs.find(job_id, owner_of(request))))
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=GenerationResponse, responses=_ERRORS, tags=["jobs"])
+@router.post(
+    "/jobs/{job_id}/cancel",
+    response_model=GenerationResponse,
+    responses=_ERRORS,
+    tags=["jobs"],
+    dependencies=[JsonBody],
+)
 async def cancel_job(job_id: str, request: Request, ctx: Ctx) -> GenerationResponse:
     """Cancel a job: a queued one is removed, a running one stops at its next step; a finished one is 409."""
     job = ctx.jobs.cancel(job_id, owner_of(request))

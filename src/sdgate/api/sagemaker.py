@@ -6,7 +6,8 @@
   ``boto3.client("sagemaker-runtime", endpoint_url=<sdgate>)`` works. Its SigV4 ``Authorization``
   header is accepted and ignored: sdgate's own auth (when on) guards this path like any other.
 
-Bodies follow the JumpStart Stable Diffusion contract (see :mod:`sdgate.jumpstart`); errors come in
+Bodies follow the JumpStart Stable Diffusion contract (see :mod:`sdgate.jumpstart`), the inpainting
+model's ``image`` and ``mask_image`` included; errors come in
 SageMaker's shape and codes (see :mod:`sdgate.api.errors`). These routes answer with the images
 themselves, as an endpoint does: nothing is stored.
 """
@@ -22,10 +23,20 @@ from fastapi.responses import JSONResponse
 from sdgate.api.access import caller_of
 from sdgate.api.context import AppContext, Ctx
 from sdgate.api.errors import DialectRoute
+from sdgate.api.middleware import takes_images
 from sdgate.backends import BackendState
 from sdgate.errors import BackendError, GenerationTimeout, InvalidRequest
 from sdgate.jobs import Job
-from sdgate.jumpstart import JPEG_ACCEPT, JSON, TEXT, Invocation, parse_invocation, render_image, render_response
+from sdgate.jumpstart import (
+    JPEG_ACCEPT,
+    JSON,
+    TEXT,
+    Invocation,
+    in_payload_terms,
+    parse_invocation,
+    render_image,
+    render_response,
+)
 from sdgate.jumpstart import generation_requests as jumpstart_requests
 from sdgate.schemas import Surface
 
@@ -97,12 +108,14 @@ async def ping(ctx: Ctx) -> JSONResponse:
 
 
 @router.post("/invocations", openapi_extra=_BODY_DOC, responses=_RESPONSES)
+@takes_images
 async def invocations(request: Request, ctx: Ctx) -> Response:
     """Generate images in the JumpStart Stable Diffusion contract (SageMaker container route)."""
     return await _invoke(request, ctx)
 
 
 @router.post("/endpoints/{endpoint_name}/invocations", openapi_extra=_BODY_DOC, responses=_RESPONSES)
+@takes_images
 async def runtime_invocations(endpoint_name: str, request: Request, ctx: Ctx) -> Response:
     """The SageMaker runtime's ``InvokeEndpoint`` path; any endpoint name reaches this server's model."""
     return await _invoke(request, ctx)
@@ -124,12 +137,15 @@ async def _invoke(request: Request, ctx: AppContext) -> Response:
             f"{what}; the limit is {ctx.settings.max_images} images per request", field="num_images_per_prompt"
         )
     # 2. generate: a job per prompt (the engine batches them into shared pipeline calls), charged as one request
-    generation = await ctx.service.generate(
-        jumpstart_requests(payload),
-        surface=Surface.sagemaker,
-        caller=caller_of(request),
-        wait_s=ctx.settings.backend_timeout_s,
-    )
+    try:
+        generation = await ctx.service.generate(
+            jumpstart_requests(payload),
+            surface=Surface.sagemaker,
+            caller=caller_of(request),
+            wait_s=ctx.settings.backend_timeout_s,
+        )
+    except InvalidRequest as e:
+        raise in_payload_terms(e) from None
     if not generation.finished:
         pending = ", ".join(j.id for j in generation.jobs if not j.status.is_terminal())
         raise GenerationTimeout(

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import threading
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sdgate.config import Settings
 from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+
+if TYPE_CHECKING:
+    from sdgate.imaging import ImageInputs
 
 
 class BackendState(StrEnum):
@@ -47,8 +50,13 @@ class Backend(Protocol):
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
     ) -> GenerationResult:
-        """Generate ``params.num_images`` images, one per seed; raise an :class:`SdgateError` on failure."""
+        """Generate ``params.num_images`` images, one per seed; raise an :class:`SdgateError` on failure.
+
+        ``inputs`` are the decoded images ``params`` refer to (image-to-image and inpainting).
+        """
         ...
 
     def stats(self) -> dict[str, Any]: ...

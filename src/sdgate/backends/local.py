@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.engine.runner import Engine
 from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+
+if TYPE_CHECKING:
+    from sdgate.imaging import ImageInputs
 
 
 class LocalBackend:
@@ -43,9 +46,11 @@ class LocalBackend:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
     ) -> GenerationResult:
         cancel = cancel or threading.Event()
-        future = self.engine.submit(params, progress, cancel)
+        future = self.engine.submit(params, progress, cancel, inputs=inputs)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -20,12 +20,15 @@ import json
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdgate.config import Settings
 from sdgate.errors import BackendError, Busy, Canceled, NotReady, SdgateError
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, ResponseError, parse_images, request_payload
 from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+
+if TYPE_CHECKING:
+    from sdgate.imaging import ImageInputs
 
 log = logging.getLogger("sdgate.backends")
 
@@ -87,14 +90,17 @@ class RemoteBackend:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
     ) -> GenerationResult:
-        """One call per image, all at once; the first failure cancels the rest."""
+        """One call per image, all at once; the first failure cancels the rest. Input images go along
+        in the JumpStart inpainting payload's fields (``image``, ``mask_image``)."""
         cancel = cancel or threading.Event()
         self._count("requests")
         t0 = time.perf_counter()
         try:
             async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(self._one(params, seed, cancel)) for seed in params.seeds]
+                tasks = [group.create_task(self._one(params, seed, cancel, inputs)) for seed in params.seeds]
         except* SdgateError as failed:
             self._count("failures")
             raise failed.exceptions[0] from None
@@ -103,15 +109,17 @@ class RemoteBackend:
         images = [t.result() for t in tasks]
         self._count("images", len(images))
         if progress is not None:  # a remote endpoint reports no steps: only the end
-            progress(params.num_inference_steps, params.num_inference_steps)
+            progress(params.steps_to_run, params.steps_to_run)
         return GenerationResult(images=images, inference_ms=(time.perf_counter() - t0) * 1000)
 
     # -- one image ------------------------------------------------------------------------------
 
-    async def _one(self, params: GenerationParams, seed: int, cancel: threading.Event) -> GeneratedImage:
+    async def _one(
+        self, params: GenerationParams, seed: int, cancel: threading.Event, inputs: ImageInputs | None
+    ) -> GeneratedImage:
         if cancel.is_set():
             raise Canceled("the job was canceled")
-        body = json.dumps(request_payload(params, seed)).encode()
+        body = json.dumps(request_payload(params, seed, inputs)).encode()
         accept = self._accept
         try:
             answer = await self._call(body, accept)

@@ -2,8 +2,9 @@
 
 Why one thread: running the pipeline from a web server's thread pool, as most tutorials do, lets
 every thread bring its own OpenMP team; on two cores under eight clients that halves throughput.
-Why batching: requests that share size, steps, guidance and scheduler can run as one pipeline
-call. Each image keeps its own generator, so an image is the same batched or alone.
+Why batching: requests that share mode, size, steps, guidance, scheduler and strength can run as one
+pipeline call, each row with its own input image and mask. Each image keeps its own generator, so an
+image is the same batched or alone.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, Mode, ModelDefaults, ProgressFn
+
+if TYPE_CHECKING:
+    from sdgate.imaging import ImageInputs
 
 log = logging.getLogger("sdgate.engine")
 
@@ -31,6 +35,7 @@ class EngineTask:
     future: Future[GenerationResult]
     progress: ProgressFn | None
     cancel: threading.Event
+    inputs: ImageInputs | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -109,9 +114,17 @@ class Engine:
         params: GenerationParams,
         progress: ProgressFn | None = None,
         cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
     ) -> Future[GenerationResult]:
-        """Queue a generation; the future resolves with the images or the error. Thread-safe."""
-        task = EngineTask(params, Future(), progress, cancel or threading.Event())
+        """Queue a generation; the future resolves with the images or the error. Thread-safe.
+
+        ``inputs`` are the decoded images of an image-to-image or inpainting request.
+        """
+        task = EngineTask(params, Future(), progress, cancel or threading.Event(), inputs)
+        if params.mode is not Mode.txt2img and (inputs is None or (params.mode is Mode.inpaint) != bool(inputs.mask)):
+            task.future.set_exception(GenerationFailed(f"a {params.mode.value} generation came without its inputs"))
+            return task.future
         with self._cond:
             if self._closing or self.state is BackendState.failed:
                 task.future.set_exception(NotReady(f"the model is not available: {self.load_error or 'closing'}"))
@@ -143,12 +156,13 @@ class Engine:
         # 1. load
         try:
             loaded = self._loader()
-            self._pipe = loaded.pipeline
             self.defaults = loaded.defaults
             self.device = loaded.device
+            from sdgate.engine.pipelines import Pipelines
             from sdgate.engine.schedulers import SchedulerCache
 
-            self._schedulers = SchedulerCache(self._pipe)
+            self._pipes = Pipelines(loaded.pipeline)
+            self._schedulers = SchedulerCache(loaded.pipeline)
             # CPU threads: the setting, else the model's own default, else torch's. Set here, on the
             # thread that runs the pipeline: OpenMP's thread count is per calling thread.
             threads = self.settings.torch_threads or self.defaults.torch_threads
@@ -277,20 +291,27 @@ class Engine:
             return
         p = live[0].params
         prompts, negatives, seeds = [], [], []
+        images: list[Any] = []
+        masks: list[Any] = []
         for t in live:
             for seed in t.params.seeds:
                 prompts.append(t.params.prompt)
                 negatives.append(t.params.negative_prompt or "")
                 seeds.append(seed)
+                if t.inputs is not None:  # a row per image: each image of a request starts from its input
+                    images.append(t.inputs.image.image)
+                    if t.inputs.mask is not None:
+                        masks.append(t.inputs.mask.image)
+        steps_to_run = p.steps_to_run
 
         for t in live:  # step 0: the task has started
             if t.progress is not None:
                 try:
-                    t.progress(0, p.num_inference_steps)
+                    t.progress(0, steps_to_run)
                 except Exception:
                     log.warning("progress callback failed", exc_info=True)
 
-        def on_step(step: int, total: int) -> None:
+        def on_step(step: int) -> None:
             # Cancel is per task: a canceled task is answered now, its rows finish unused,
             # the others in the batch go on. Only when all are canceled does the call stop.
             for t in live:
@@ -298,14 +319,14 @@ class Engine:
                     t.future.set_exception(Canceled("the job was canceled"))
                 elif t.progress is not None and not t.future.done():
                     try:
-                        t.progress(step, total)
+                        t.progress(step, steps_to_run)
                     except Exception:
                         log.warning("progress callback failed", exc_info=True)
             if all(t.future.done() for t in live):
                 raise _StopBatch
 
         try:
-            images = self._call_pipeline(
+            made = self._call_pipeline(
                 prompts=prompts,
                 negatives=negatives,
                 seeds=seeds,
@@ -315,6 +336,10 @@ class Engine:
                 guidance=p.guidance_scale,
                 scheduler=p.scheduler,
                 on_step=on_step,
+                mode=p.mode,
+                strength=p.strength,
+                images=images or None,
+                masks=masks or None,
             )
         except _StopBatch:
             with self._stats_lock:
@@ -340,8 +365,8 @@ class Engine:
         self._last_call_s = inference_ms / 1000
         with self._stats_lock:
             self.stats.pipeline_calls += 1
-            self.stats.images += len(images)
-            self.stats.batch_sizes[len(images)] += 1
+            self.stats.images += len(made)
+            self.stats.batch_sizes[len(made)] += 1
             for t in live:
                 if t.cancel.is_set():
                     self.stats.canceled += 1
@@ -350,7 +375,7 @@ class Engine:
             n = t.params.num_images
             mine = [
                 GeneratedImage(image=img, seed=s)
-                for img, s in zip(images[offset : offset + n], t.params.seeds, strict=True)
+                for img, s in zip(made[offset : offset + n], t.params.seeds, strict=True)
             ]
             offset += n
             if t.future.done():
@@ -363,7 +388,7 @@ class Engine:
                     images=mine,
                     queue_ms=(start - t.enqueued) * 1000,
                     inference_ms=inference_ms,
-                    batch_images=len(images),
+                    batch_images=len(made),
                 )
             )
 
@@ -378,36 +403,32 @@ class Engine:
         steps: int,
         guidance: float,
         scheduler: str | None,
-        on_step: ProgressFn | None,
+        on_step: Callable[[int], None] | None,
+        mode: Mode = Mode.txt2img,
+        strength: float | None = None,
+        images: list[Any] | None = None,
+        masks: list[Any] | None = None,
     ) -> list[Any]:
         import torch
 
-        pipe = self._pipe
-        pipe.scheduler = self._schedulers.get(scheduler)
         # CPU generators: the same seed gives the same starting noise on every device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
-        kwargs: dict[str, Any] = {}
-        if on_step is not None:
-
-            def callback(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                on_step(i + 1, steps)
-                return tensors
-
-            kwargs["callback_on_step_end"] = callback
         with torch.inference_mode():
-            out = pipe(
-                prompt=prompts,
-                negative_prompt=negatives,
+            return self._pipes.run(
+                mode,
+                scheduler=self._schedulers.get(scheduler),
+                prompts=prompts,
+                negatives=negatives,
+                generators=generators,
                 width=width,
                 height=height,
-                num_inference_steps=steps,
-                guidance_scale=guidance,
-                generator=generators,
-                output_type="pil",
-                **kwargs,
+                steps=steps,
+                guidance=guidance,
+                strength=strength,
+                images=images,
+                masks=masks,
+                on_step=on_step,
             )
-        images: list[Any] = list(out.images)
-        return images
 
     def _fail_pending(self, err: Exception) -> None:
         with self._cond:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sdgate.generation.request import effective_defaults, resolve_request
+from sdgate.generation.request import effective_defaults, read_inputs, resolve_request
 from sdgate.generation.service import Caller, Generation, GenerationService
 
-__all__ = ["Caller", "Generation", "GenerationService", "effective_defaults", "resolve_request"]
+__all__ = ["Caller", "Generation", "GenerationService", "effective_defaults", "read_inputs", "resolve_request"]

@@ -5,15 +5,17 @@ handler, and the dialects to come) is a thin adapter: it decodes its dialect int
 :class:`~sdgate.schemas.GenerationRequest` objects, calls :meth:`GenerationService.generate`, and
 encodes the jobs it gets back. The steps, the same for all:
 
-1. resolve each request against the model's defaults (limits first, before any model work);
+1. resolve each request against the model's defaults (limits and input images first, before any
+   model work);
 2. authorize and charge the caller's key: one rate hit per request, its images against the quota;
-3. submit each request as a job (recorded before it is acknowledged);
+3. store the input images, if any, and submit each request as a job (recorded before it is acknowledged);
 4. wait for the jobs (sync), or hand them back at once (async: the caller answers 202);
 5. the jobs run backend → encode once → store (:mod:`sdgate.jobs`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from sdgate.auth import ApiKey, Guard
 from sdgate.backends import Backend
 from sdgate.config import Settings
 from sdgate.errors import error_of_type
-from sdgate.generation.request import effective_defaults, resolve_request
+from sdgate.generation.request import effective_defaults, read_inputs, resolve_request
 from sdgate.jobs import Job, JobRunner
 from sdgate.schemas import GenerationRequest, JobStatus, ModelDefaults, Surface
 
@@ -94,7 +96,12 @@ class GenerationService:
         if wait_s is not None:
             await self.jobs.wait_ready(timeout=self.settings.backend_timeout_s)
         model = self.backend.defaults()
-        params = [resolve_request(r, self.settings, model) for r in requests]
+        # Decoding an image takes milliseconds of CPU: off the event loop.
+        inputs = [
+            await asyncio.to_thread(read_inputs, r, self.settings) if r.image else read_inputs(r, self.settings)
+            for r in requests
+        ]
+        params = [resolve_request(r, self.settings, model, i) for r, i in zip(requests, inputs, strict=True)]
         self.jobs.check_webhook(webhook_url)
         if idempotency_key is not None:
             earlier = self.jobs.find_idempotent(caller.owner, idempotency_key, body_hash)
@@ -104,18 +111,20 @@ class GenerationService:
         # 2. charge
         if self.guard is not None:
             self.guard.charge(caller.key, sum(p.num_images for p in params))
-        # 3. submit
+        # 3. store the inputs, submit
+        params = [await self.jobs.keep_inputs(p, i) for p, i in zip(params, inputs, strict=True)]
         jobs = [
             self.jobs.submit(
                 p,
                 surface=surface,
+                inputs=i,
                 owner=caller.owner,
                 idempotency_key=idempotency_key,
                 body_hash=body_hash,
                 webhook_url=webhook_url,
                 base_url=caller.base_url,
             )[0]
-            for p in params
+            for p, i in zip(params, inputs, strict=True)
         ]
         # 4. wait, or not
         return await self._answer(jobs, wait_s)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from sdgate.imaging import ImageInputs
 from sdgate.jobs.events import Event
 from sdgate.jobstore import JobRecord, JobStore
 from sdgate.metrics import Metrics
@@ -65,10 +66,12 @@ class Job:
     total_steps: int = 0
     outputs: list[Output] = field(default_factory=list)
     subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    inputs: ImageInputs | None = None
+    """The decoded input images while the job that received them is in memory (else read from storage)."""
 
     def __post_init__(self) -> None:
         self.step = self.record.step
-        self.total_steps = self.record.params.num_inference_steps
+        self.total_steps = self.record.params.steps_to_run
         if self.record.status.is_terminal():
             self.done.set()
 
@@ -120,7 +123,7 @@ class Job:
         self.outputs = outputs
         self.record.images = [o.image for o in outputs]
         self.record.timings = timings
-        self.step = self.total_steps = self.params.num_inference_steps
+        self.step = self.total_steps = self.params.steps_to_run
         self._end(JobStatus.succeeded, None)
 
     def fail(self, error: ErrorInfo) -> None:
@@ -150,6 +153,7 @@ class Job:
         record.finished = time.time()
         total_ms = round((record.finished - record.created) * 1000, 2)
         record.timings = (record.timings or Timings()).model_copy(update={"total": total_ms})
+        self.inputs = None  # the input images are in storage; their pixels are not needed any more
         self._save()
         self.lifecycle.metrics.job_finished(
             status.value, record.timings, len(record.images), error.type if error else None

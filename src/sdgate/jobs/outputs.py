@@ -36,6 +36,8 @@ def store_images(
         # The image first, then its sidecar: a sidecar never describes a missing image.
         stored = storage.put(data, key, content_type)
         sidecar = {**meta, "job_id": job_id, "key": key, "content_type": content_type, "bytes": len(data)}
+        if params.image_key is not None:  # what it was made from: private keys, like the sidecar's own
+            sidecar["inputs"] = {"image": params.image_key, "mask": params.mask_key}
         storage.put(json.dumps(sidecar).encode(), sidecar_key(key), "application/json")
         t2 = time.perf_counter()
         encode_s += t1 - t0

@@ -1,4 +1,4 @@
-"""Retention: terminal jobs older than ``SDGATE_RETENTION`` go, with their images and sidecars."""
+"""Retention: terminal jobs older than ``SDGATE_RETENTION`` go, with their images, sidecars and inputs."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import asyncio
 import logging
 import time
 
+from sdgate.jobs.inputs import delete_inputs
 from sdgate.jobs.outputs import delete_images
 from sdgate.jobstore import JobStore
 from sdgate.storage import Storage
@@ -14,7 +15,7 @@ log = logging.getLogger("sdgate.jobs")
 
 
 def sweep(store: JobStore, storage: Storage, max_age_s: float) -> int:
-    """Delete terminal jobs older than ``max_age_s`` and their images; returns how many jobs went."""
+    """Delete terminal jobs older than ``max_age_s``, their images and inputs; returns how many jobs went."""
     removed = 0
     cutoff = time.time() - max_age_s
     while True:
@@ -23,6 +24,7 @@ def sweep(store: JobStore, storage: Storage, max_age_s: float) -> int:
             return removed
         for record in old:
             delete_images(storage, record.images)
+            delete_inputs(storage, record.params)
         store.delete([r.id for r in old])
         removed += len(old)
 

@@ -34,8 +34,10 @@ from sdgate.errors import (
     SdgateError,
     new_error_id,
 )
+from sdgate.imaging import ImageInputs
 from sdgate.jobs.dispatch import Dispatcher, InProcess
 from sdgate.jobs.events import TERMINAL_EVENTS, Event
+from sdgate.jobs.inputs import delete_inputs, load_inputs, store_inputs
 from sdgate.jobs.lifecycle import Job, Lifecycle
 from sdgate.jobs.outputs import delete_images, store_images
 from sdgate.jobs.recovery import recover
@@ -178,11 +180,18 @@ class JobRunner:
         ) or self.store.by_idempotency_key(owner, key)
         return None if record is None else self._idempotent(record, body_hash)
 
+    async def keep_inputs(self, params: GenerationParams, inputs: ImageInputs | None) -> GenerationParams:
+        """Store a request's input images (before its job is recorded); ``params`` with their keys."""
+        if inputs is None:
+            return params
+        return await asyncio.to_thread(store_inputs, self.storage, params, inputs)
+
     def submit(
         self,
         params: GenerationParams,
         *,
         surface: Surface,
+        inputs: ImageInputs | None = None,
         owner: str | None = None,
         idempotency_key: str | None = None,
         body_hash: str | None = None,
@@ -192,9 +201,14 @@ class JobRunner:
         """Record the job and have it run. Returns (job, created); an idempotent repeat returns the first job.
 
         The store's insert finds the first job of an Idempotency-Key (atomically, also in a race); the
-        generation service looks for it earlier still, before the key is charged.
+        generation service looks for it earlier still, before the key is charged. ``inputs`` are the
+        decoded images that ``params`` refer to (stored by :meth:`keep_inputs`), kept for the run.
         """
-        self.check_capacity()
+        try:
+            self.check_capacity()
+        except SdgateError:
+            delete_inputs(self.storage, params)
+            raise
         record = JobRecord(
             id=uuid.uuid4().hex,
             status=JobStatus.queued,
@@ -210,8 +224,10 @@ class JobRunner:
         )
         stored = self.store.insert(record)
         if stored.id != record.id:  # the key's first job (or a race with the same key, lost)
+            delete_inputs(self.storage, params)
             return self._idempotent(stored, body_hash), False
         job = self.adopt(record, local=self.dispatcher.in_process)
+        job.inputs = inputs
         try:
             self.dispatcher.run(job.id, lambda: self.schedule(job))
         except Exception as e:
@@ -410,8 +426,11 @@ class JobRunner:
                 if not reports_start:
                     job.start()
                 t0 = time.perf_counter()
+                inputs = job.inputs
+                if inputs is None and job.params.image_key is not None:  # recovered, or run by a worker
+                    inputs = await asyncio.to_thread(load_inputs, self.storage, job.params, self.settings.max_pixels)
                 result = await self.backend.generate(
-                    job.params, lambda s, t: self._progress(job, s, t), job.cancel_requested
+                    job.params, lambda s, t: self._progress(job, s, t), job.cancel_requested, inputs=inputs
                 )
             if job.status.is_terminal():  # canceled while it finished
                 return

@@ -14,19 +14,25 @@ from sdgate.config import Settings
 # 128 random bits so that URLs are unguessable and two images never share a key.
 _STEM = r"\d{4}/\d{2}/\d{2}/[0-9a-f]{32}"
 PRIVATE_PREFIX = "private/"
-"""Where sidecars go. An image URL is made to be shared; its sidecar holds the prompt, which is not:
-neither ``GET /images`` nor the CDN of the AWS stack serves anything under this prefix."""
+"""Where sidecars and input images go. An image URL is made to be shared; its sidecar holds the prompt
+and an input image is the user's own picture, neither of which is: neither ``GET /images`` nor the CDN
+of the AWS stack serves anything under this prefix."""
 IMAGE_KEY_PATTERN = re.compile(rf"{_STEM}\.(jpeg|png|webp)")
 # A sidecar beside its image (``<stem>.json``) is where sidecars went before they moved under
 # PRIVATE_PREFIX: still a valid key, so that those can be deleted and writers not yet on sidecar_key()
 # keep working, but no more public than any other sidecar.
-KEY_PATTERN = re.compile(rf"{_STEM}\.(jpeg|png|webp|json)|{PRIVATE_PREFIX}{_STEM}\.json")
+KEY_PATTERN = re.compile(rf"{_STEM}\.(jpeg|png|webp|json)|{PRIVATE_PREFIX}{_STEM}\.(json|jpeg|png|webp)")
 
 
 def new_key(extension: str, now: dt.datetime | None = None) -> str:
     """A fresh storage key such as ``2026/11/25/<32 hex>.jpeg``."""
     now = now or dt.datetime.now(dt.UTC)
     return f"{now:%Y/%m/%d}/{secrets.token_hex(16)}.{extension}"
+
+
+def input_key(extension: str) -> str:
+    """A fresh key for an input image (image-to-image, inpainting), under :data:`PRIVATE_PREFIX`."""
+    return PRIVATE_PREFIX + new_key(extension)
 
 
 def sidecar_key(image_key: str) -> str:
@@ -64,6 +70,13 @@ class Storage(Protocol):
 
     def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
         """Store ``data`` atomically under ``key``; raise :class:`sdgate.errors.StorageError` on failure."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The bytes stored under ``key`` (an input image, for a job that runs again or elsewhere).
+
+        Raises :class:`sdgate.errors.StorageError` when they cannot be read, a missing key included.
+        """
         ...
 
     def delete(self, key: str) -> None:

@@ -50,6 +50,15 @@ class LocalStorage:
             raise StorageError(f"could not store image: {e.strerror or e}") from e
         return StoredObject(key=key, url=self.url_for(key))
 
+    def get(self, key: str) -> bytes:
+        path = self.path_for(key)
+        if path is None:
+            raise ValueError(f"invalid storage key {key!r}")
+        try:
+            return path.read_bytes()
+        except OSError as e:
+            raise StorageError(f"could not read {key}: {e.strerror or e}") from e
+
     def delete(self, key: str) -> None:
         path = self.path_for(key)
         if path is None:

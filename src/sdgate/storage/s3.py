@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdgate.config import Settings
 from sdgate.errors import StorageError
-from sdgate.storage import StoredObject, is_valid_key
+from sdgate.storage import StoredObject, is_public_key, is_valid_key
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -72,11 +72,23 @@ class S3Storage:
                 Key=self.object_key(key),
                 Body=data,
                 ContentType=content_type,
-                CacheControl=self.cache_control,
+                # What is private (sidecars, input images) is never cached as public, whatever the setting.
+                CacheControl=self.cache_control if is_public_key(key) else "private, no-store",
             )
         except (BotoCoreError, ClientError) as e:
             raise StorageError(f"could not store the image in S3 bucket {self.bucket!r}: {_describe(e)}") from e
         return StoredObject(key=key, url=self.url_for(key))
+
+    def get(self, key: str) -> bytes:
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if not is_valid_key(key):
+            raise ValueError(f"invalid storage key {key!r}")
+        try:
+            body: bytes = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key))["Body"].read()
+        except (BotoCoreError, ClientError) as e:
+            raise StorageError(f"could not read {key} from S3 bucket {self.bucket!r}: {_describe(e)}") from e
+        return body
 
     def delete(self, key: str) -> None:
         from botocore.exceptions import BotoCoreError, ClientError

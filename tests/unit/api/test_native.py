@@ -129,10 +129,12 @@ def test_a_body_that_is_not_json_is_400_and_another_media_type_415(open_gate: Op
 
 
 def test_an_oversized_body_is_413_in_the_native_shape(open_gate: OpenGate) -> None:
-    gate = open_gate(max_body_bytes=1024)
-    resp = generate(gate, {"prompt": "x" * 2000})
+    # /v1/generations takes images: its limit is the upload limit, not the one of bodies without images.
+    gate = open_gate(max_body_bytes=1024, max_upload_bytes=4096)
+    assert generate(gate, {"prompt": "x" * 2500}).status_code == 422  # over 1024, within 4096: the prompt's limit
+    resp = generate(gate, {"prompt": "x" * 5000})
     assert resp.status_code == 413
-    assert assert_native_error(resp.json(), "payload_too_large")["message"] == "request body exceeds 1024 bytes"
+    assert assert_native_error(resp.json(), "payload_too_large")["message"] == "request body exceeds 4096 bytes"
     assert gate.store.records == {}
 
 

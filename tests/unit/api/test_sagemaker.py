@@ -148,7 +148,7 @@ def test_a_bad_request_says_what_to_fix(open_gate: OpenGate) -> None:
 
 @pytest.mark.parametrize("path", PATHS)
 def test_an_oversized_body_is_413_in_sagemakers_shape(open_gate: OpenGate, path: str) -> None:
-    gate = open_gate(max_body_bytes=1024)
+    gate = open_gate(max_upload_bytes=1024)
     body = assert_sagemaker_error(
         invoke(gate, {"prompt": "x" * 2000}, path), 413, "ValidationError", "payload_too_large"
     )

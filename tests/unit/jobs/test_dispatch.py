@@ -128,7 +128,7 @@ class CanceledMidway(FakeBackend):
         self.store = store
 
     async def generate(
-        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: object = None
+        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: object = None, **_: object
     ) -> GenerationResult:
         [running] = self.store.unfinished()
         running.status, running.error = JobStatus.canceled, ErrorInfo(type="canceled", message="canceled by request")

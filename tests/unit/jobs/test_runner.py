@@ -116,7 +116,11 @@ def test_a_failing_backend_fails_the_job_with_its_error_type(tmp_path: Path) -> 
 
 class CrashingBackend(FakeBackend):
     async def generate(
-        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        **_: object,
     ) -> GenerationResult:
         raise RuntimeError("a bug with a secret path /srv/x")
 
@@ -319,7 +323,11 @@ class RemoteLikeBackend(FakeBackend):
         self.fail_with = fail_with
 
     async def generate(
-        self, params: GenerationParams, progress: ProgressFn | None = None, cancel: threading.Event | None = None
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        **_: object,
     ) -> GenerationResult:
         if cancel is not None and cancel.is_set():
             raise Canceled("the job was canceled")

@@ -55,7 +55,10 @@ def test_timestamp_is_part_of_the_mac() -> None:
     assert not verify(BODY, f"t={ts + 50},v1={mac}", SECRET)
 
 
-@pytest.mark.parametrize("header", ["", "garbage", "t=abc,v1=00", "v1=00", f"t={int(time.time())}", "t=1=2"])
+@pytest.mark.parametrize(
+    "header",
+    ["", "garbage", "t=abc,v1=00", "v1=00", pytest.param(f"t={int(time.time())}", id="t-only"), "t=1=2"],
+)
 def test_malformed_header_fails_without_raising(header: str) -> None:
     assert not verify(BODY, header, SECRET)
 
