@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-
-# One OpenMP thread for the models this process runs (in-process engines and pipelines), as every
-# server the suite starts gets (tests/server.py): on two cores shared with those servers, a team of
-# spinning threads takes the CPU from the work (see README, "How it works"). Set before torch loads.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from tests import background
 from tests.server import ServerProcess, start_server, tiny_data

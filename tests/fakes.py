@@ -47,12 +47,18 @@ class FakeBackend:
         error: SdgateError | None = None,
         defaults: ModelDefaults = FAKE_DEFAULTS,
         hold: asyncio.Event | None = None,
+        models: dict[str, ModelDefaults] | None = None,
     ) -> None:
+        """``models``: the models it offers by name with their defaults (default: one, ``fake-model``)."""
         self._state = state
+        self._models = models or {self.model_name: defaults}
+        self.model_name = next(iter(self._models))
         self.error = error
         self._defaults = defaults
         self.hold = hold
         self.ran: list[GenerationParams] = []
+        self.loaded: set[str] = set()
+        """Models other than the default that a generation has used (as if loaded for it)."""
         self.inputs: list[ImageInputs | None] = []
         """The input images each generation came with (None for text-to-image), in the order of ``ran``."""
 
@@ -69,8 +75,14 @@ class FakeBackend:
     def status_detail(self) -> str:
         return f"fake backend {self._state.value}"
 
-    def defaults(self) -> ModelDefaults:
-        return self._defaults
+    def model_names(self) -> list[str]:
+        return list(self._models)
+
+    def is_loaded(self, model: str) -> bool:
+        return self._state is BackendState.ready and (model == self.model_name or model in self.loaded)
+
+    def defaults(self, model: str | None = None) -> ModelDefaults:
+        return self._models[model or self.model_name]
 
     async def generate(
         self,
@@ -82,6 +94,8 @@ class FakeBackend:
     ) -> GenerationResult:
         self.ran.append(params)
         self.inputs.append(inputs)
+        if params.model is not None:
+            self.loaded.add(params.model)
         if self.error is not None:
             raise self.error
         if self.hold is not None:

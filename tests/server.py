@@ -96,11 +96,23 @@ def start_server(
     raise RuntimeError(f"sdgate did not become ready in {timeout}s:\n{server.log()}")
 
 
-def _build_tiny_data() -> Path:
-    from sdgate.engine.builtin import ensure_builtin
+def build_tiny_model(target: Path, seed: int = 0) -> Path:
+    """Build the built-in tiny architecture with weights from ``seed`` into ``target``, in a process of its own.
 
+    Not in this one: a resource made in the background would import torch and diffusers in a thread,
+    and imports in a thread race the test's own (``dictionary changed size during iteration``).
+    """
+    code = "import sys; from pathlib import Path; from sdgate.engine.builtin import build_tiny; "
+    code += "build_tiny(Path(sys.argv[1]), seed=int(sys.argv[2]))"
+    subprocess.run([sys.executable, "-c", code, str(target), str(seed)], check=True, capture_output=True, timeout=300)
+    return target
+
+
+def _build_tiny_data() -> Path:
+    code = "import sys; from pathlib import Path; from sdgate.engine.builtin import ensure_builtin; "
+    code += "ensure_builtin('tiny', Path(sys.argv[1]))"
     root = background.workdir("tiny-data")
-    ensure_builtin("tiny", root / "models")
+    subprocess.run([sys.executable, "-c", code, str(root / "models")], check=True, capture_output=True, timeout=300)
     return root
 
 
@@ -111,6 +123,12 @@ def tiny_data() -> Path:
     """
     path: Path = background.get("tiny-data", _build_tiny_data)
     return path
+
+
+def tiny_model_dir() -> Path:
+    """The saved diffusers directory of the session's built tiny model (read-only: copy it to change it)."""
+    [built] = [p for p in (tiny_data() / "models").iterdir() if p.name.startswith("tiny-")]
+    return built
 
 
 def with_tiny_models(data_dir: Path) -> Path:

@@ -7,6 +7,7 @@ built once at the entry point and passed in; nothing reads the environment behin
 from __future__ import annotations
 
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -38,6 +39,33 @@ def parse_duration(text: str) -> float:
     if value <= 0:
         raise ValueError(f"duration must be positive, got {text!r}")
     return value
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model a server offers: the name requests use, and the spec it loads from."""
+
+    name: str
+    spec: str
+
+
+def parse_models(text: str) -> list[ModelEntry]:
+    """``SDGATE_MODELS``: ``name=spec`` or bare specs (named by themselves), comma-separated; names unique."""
+    entries = []
+    for part in text.split(","):
+        item = part.strip()
+        if not item:
+            raise ValueError(f"SDGATE_MODELS has an empty entry: {text!r}")
+        name, eq, spec = item.partition("=")
+        name, spec = (name.strip(), spec.strip()) if eq else (item, item)
+        if not name or not spec:
+            raise ValueError(f"SDGATE_MODELS entry {item!r} must be name=spec or a spec")
+        entries.append(ModelEntry(name, spec))
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"SDGATE_MODELS names {', '.join(duplicates)} more than once")
+    return entries
 
 
 def is_loopback(host: str) -> bool:
@@ -72,6 +100,18 @@ class Settings(BaseSettings):
         "demo",
         description="Built-in model name (demo: trained on simple shapes; tiny: random weights, fastest), "
         "Hugging Face model id, local pipeline directory, or a single-file .safetensors/.ckpt checkpoint.",
+    )
+    models: str | None = Field(
+        None,
+        description="Several models: comma-separated `name=spec` or bare specs (a spec is what SDGATE_MODEL takes); "
+        "the first is the default, requests choose with `model`. Unset: SDGATE_MODEL alone.",
+    )
+    max_loaded_models: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="Most pipelines held in memory (least recently used is unloaded). Default: 1 on a GPU "
+        "(a second SDXL does not fit most cards), 2 on a CPU (RAM is larger and the switch costs seconds).",
     )
     device: Device = Field("auto", description="auto | cpu | cuda | mps.")
     dtype: DType = Field("auto", description="auto (fp16 on CUDA, fp32 elsewhere) | float32 | float16 | bfloat16.")
@@ -216,6 +256,21 @@ class Settings(BaseSettings):
             return None
         parse_duration(v)
         return v.strip()
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        parse_models(v)
+        return v.strip()
+
+    @property
+    def model_entries(self) -> list[ModelEntry]:
+        """The models this server offers, the default first: SDGATE_MODELS, else SDGATE_MODEL alone."""
+        if self.models is None:
+            return [ModelEntry(self.model, self.model)]
+        return parse_models(self.models)
 
     @property
     def retention_s(self) -> float | None:

@@ -62,6 +62,7 @@ class GenerationRequest(BaseModel):
     webhook_url: str | None = Field(
         None, max_length=2048, description="POSTed the finished job, signed (see the README's webhook section)."
     )
+    model: str | None = Field(None, description="A model's name from GET /v1/models (default: the first).")
     image: str | None = Field(
         None,
         description="Input image for image-to-image or inpainting: base64 or a data: URL of a PNG, JPEG or WebP. "
@@ -147,6 +148,8 @@ class GenerationParams:
     """How far from the input image (img2img and inpaint); None for txt2img."""
     image_key: str | None = None
     mask_key: str | None = None
+    model: str | None = None
+    """The model's name (None on records made before servers offered several: the default)."""
 
     @property
     def num_images(self) -> int:
@@ -162,6 +165,7 @@ class GenerationParams:
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can share one pipeline call (each row keeps its own inputs and seed)."""
         return (
+            self.model,
             self.mode,
             self.width,
             self.height,
@@ -253,6 +257,7 @@ class Progress(BaseModel):
     step: int = 0
     total_steps: int = 0
     eta_ms: float | None = None
+    loading: bool = Field(False, description="The job's model is being loaded (it is not in memory yet).")
 
 
 class WebhookAttempt(BaseModel):
@@ -310,6 +315,8 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     backend: str
     ready: bool
+    loaded: bool = Field(description="In memory now (a request for a model that is not loads it).")
+    default: bool = Field(description="What a request that names no model gets.")
     default_width: int
     default_height: int
     default_steps: int
@@ -358,4 +365,8 @@ class GenerationResult:
 
 
 ProgressFn = Callable[[int, int], None]
-"""Called with (step, total steps): step 0 when the work leaves the queue, then after each step."""
+"""Called with (step, total steps): step 0 when the work leaves the queue, then after each step; first
+(:data:`LOADING_STEP`, total) when the job's model has to be loaded before it can start."""
+
+LOADING_STEP = -1
+"""The step a backend reports while it loads the job's model."""

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from tests import background
-from tests.server import ServerProcess, start_server, tiny_data
+from tests.server import ServerProcess, start_server, tiny_model_dir
 
 
 def poll_readyz(server: ServerProcess, until: Callable[[httpx.Response], bool], timeout: float = 120) -> httpx.Response:
@@ -28,11 +28,9 @@ def poll_readyz(server: ServerProcess, until: Callable[[httpx.Response], bool], 
 
 
 def _servers() -> dict[str, ServerProcess]:
-    from sdgate.engine.builtin import ensure_builtin
-
     root = background.workdir("loader")
     model_dir = root / "models" / "my-sd-pipeline"
-    shutil.copytree(ensure_builtin("tiny", tiny_data() / "models"), model_dir)
+    shutil.copytree(tiny_model_dir(), model_dir)
     (model_dir / "sdgate-builtin.json").unlink()  # a plain diffusers directory, as a user would have
     started: dict[str, ServerProcess] = {}
     try:

@@ -95,4 +95,4 @@ def params(
     request = GenerationRequest(
         prompt=prompt, width=width, height=height, num_inference_steps=steps, seed=seed, **fields
     )
-    return resolve_request(request, settings, defaults or ModelDefaults())
+    return resolve_request(request, settings, defaults or ModelDefaults(), model_name=request.model)

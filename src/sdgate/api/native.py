@@ -233,7 +233,8 @@ async def cancel_job(job_id: str, request: Request, ctx: Ctx) -> GenerationRespo
     tags=["jobs"],
 )
 async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingResponse:
-    """Server-sent events: queued/started/progress/succeeded/failed/canceled, ending with the terminal one."""
+    """Server-sent events: queued/started/progress/succeeded/failed/canceled, ending with the terminal one;
+    ``loading`` when the job's model is loaded for it first."""
     owner = owner_of(request)
     ctx.jobs.find(job_id, owner)  # 404 before the stream starts
 
@@ -252,19 +253,24 @@ async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingRespon
 
 @router.get("/models", response_model=ModelList, responses=AUTH_RESPONSES, tags=["models"])
 async def list_models(ctx: Ctx) -> ModelList:
-    """The model this server runs, with the defaults a request gets when it leaves fields out."""
-    d = ctx.service.defaults()
-    return ModelList(
-        data=[
+    """The models this server offers (the default first), each with the defaults a request gets
+    when it leaves fields out and whether it is in memory now."""
+    ready = ctx.backend.state() is BackendState.ready
+    cards = []
+    for i, name in enumerate(ctx.backend.model_names()):
+        d = ctx.service.defaults(name)
+        cards.append(
             ModelCard(
-                id=ctx.backend.model_name,
+                id=name,
                 backend=ctx.backend.name,
-                ready=ctx.backend.state() is BackendState.ready,
+                ready=ready,
+                loaded=ctx.backend.is_loaded(name),
+                default=i == 0,
                 default_width=d.width,
                 default_height=d.height,
                 default_steps=d.num_inference_steps,
                 default_guidance_scale=d.guidance_scale,
                 schedulers=list(SCHEDULER_NAMES),
             )
-        ]
-    )
+        )
+    return ModelList(data=cards)

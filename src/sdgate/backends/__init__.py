@@ -43,7 +43,17 @@ class Backend(Protocol):
         """One line for /readyz: why it is (not) ready."""
         ...
 
-    def defaults(self) -> ModelDefaults: ...
+    def model_names(self) -> list[str]:
+        """The models this backend offers, the default first."""
+        ...
+
+    def is_loaded(self, model: str) -> bool:
+        """Whether ``model`` is in memory now (a request for one that is not waits for its load)."""
+        ...
+
+    def defaults(self, model: str | None = None) -> ModelDefaults:
+        """What ``model`` (None: the default) uses for fields a request leaves out."""
+        ...
 
     async def generate(
         self,

@@ -22,7 +22,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.engine = engine or Engine(settings)
-        self.model_name = settings.model
+        self.model_name = self.engine.model_name
 
     async def start(self) -> None:
         self.engine.start()
@@ -38,8 +38,14 @@ class LocalBackend:
             return f"model failed to load: {self.engine.load_error}"
         return f"model {self.model_name} {self.engine.state.value} on {self.engine.device}"
 
-    def defaults(self) -> ModelDefaults:
-        return self.engine.defaults
+    def model_names(self) -> list[str]:
+        return self.engine.models.names()
+
+    def is_loaded(self, model: str) -> bool:
+        return self.engine.models.is_loaded(model)
+
+    def defaults(self, model: str | None = None) -> ModelDefaults:
+        return self.engine.models.defaults(model or self.model_name)
 
     async def generate(
         self,
@@ -59,4 +65,10 @@ class LocalBackend:
             raise
 
     def stats(self) -> dict[str, Any]:
-        return {"queue_depth": self.engine.queue_depth(), **self.engine.stats.snapshot()}
+        models = self.engine.models
+        return {
+            "queue_depth": self.engine.queue_depth(),
+            "model_loads": models.loads,
+            "model_unloads": models.unloads,
+            **self.engine.stats.snapshot(),
+        }

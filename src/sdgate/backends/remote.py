@@ -78,7 +78,13 @@ class RemoteBackend:
 
     # -- the Backend protocol -------------------------------------------------------------------
 
-    def defaults(self) -> ModelDefaults:
+    def model_names(self) -> list[str]:
+        return [self.model_name]  # one endpoint, one model
+
+    def is_loaded(self, model: str) -> bool:
+        return True  # whatever the endpoint holds: sdgate does not load it
+
+    def defaults(self, model: str | None = None) -> ModelDefaults:
         return self._defaults
 
     def stats(self) -> dict[str, Any]:

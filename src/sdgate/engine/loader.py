@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import warnings
@@ -84,7 +85,53 @@ def model_defaults(name: str, pipe: Any) -> ModelDefaults:
     """Native size from the UNet and VAE configs; turbo models run in few steps without guidance."""
     scale = int(getattr(pipe, "vae_scale_factor", 8))
     sample = getattr(pipe.unet.config, "sample_size", 64)
-    side = int(sample if isinstance(sample, int) else sample[0]) * scale
+    return defaults_for(name, int(sample if isinstance(sample, int) else sample[0]) * scale)
+
+
+def peek_defaults(spec: str, models_dir: Path) -> ModelDefaults:
+    """A model's defaults from its configs, without loading its weights (for a model not loaded yet).
+
+    A directory (or a built-in) says its native size in ``unet/config.json`` and ``vae/config.json``;
+    a single file says SD or SDXL by its keys; a hub id, what its cached configs say, else 512.
+    """
+    path = Path(spec).expanduser()
+    if spec == "demo" or spec == "tiny":
+        from sdgate.engine.builtin import DEMO_DIR
+
+        return defaults_for(spec, _native_side(DEMO_DIR) if spec == "demo" else 512)
+    if path.is_dir():
+        return defaults_for(spec, _native_side(path))
+    if path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES:
+        return defaults_for(spec, 1024 if single_file_kind(path) == "sdxl" else 512)
+    return defaults_for(spec, _cached_hub_side(spec))
+
+
+def _native_side(directory: Path) -> int:
+    try:
+        unet = json.loads((directory / "unet" / "config.json").read_text())
+        vae = json.loads((directory / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return 512
+    sample = unet.get("sample_size", 64)
+    scale = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+    side: int = int(sample if isinstance(sample, int) else sample[0]) * scale
+    return side
+
+
+def _cached_hub_side(repo_id: str) -> int:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        unet = try_to_load_from_cache(repo_id, "unet/config.json")
+        if isinstance(unet, str):
+            return _native_side(Path(unet).parent.parent)
+    except Exception:  # no hub library, an id it refuses: the common default
+        pass
+    return 512
+
+
+def defaults_for(name: str, side: int) -> ModelDefaults:
+    """The defaults of model ``name`` with native size ``side``."""
     if name == "demo":
         # Trained at 64x64; 20 Euler steps converge and guidance 5 keeps colours clean (see its model card).
         # One thread: its operations are too small to share; on two busy cores two threads took 20 s an image

@@ -19,9 +19,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sdgate.backends import BackendState
-from sdgate.config import Settings
+from sdgate.config import ModelEntry, Settings
+from sdgate.engine.models import ModelPool, Resident, default_max_loaded
 from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, Mode, ModelDefaults, ProgressFn
+from sdgate.schemas import (
+    LOADING_STEP,
+    GeneratedImage,
+    GenerationParams,
+    GenerationResult,
+    Mode,
+    ModelDefaults,
+    ProgressFn,
+)
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -69,8 +78,9 @@ class Engine:
     """Loads the model on its own thread, then serves batches of tasks until closed."""
 
     def __init__(self, settings: Settings, loader: Callable[[], Any] | None = None):
+        """``loader`` replaces the loading of the default model (tests hand in a pipeline they hold)."""
         self.settings = settings
-        self._loader = loader or self._load
+        self._loader = loader
         self._pending: collections.deque[EngineTask] = collections.deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -83,10 +93,19 @@ class Engine:
         self.stats = EngineStats()
         self.state = BackendState.loading
         self.load_error: str | None = None
-        self.model_name = settings.model
-        self.defaults = ModelDefaults()
+        entries = settings.model_entries
+        self.model_name = entries[0].name
         self.device = "unknown"
+        self.models = ModelPool(entries, self._load_entry, self._peek, settings.max_loaded_models)
+        self._threads: int | None = None
+        self._resident: Resident | None = None
+        """The model of the batch being run (engine thread only)."""
         self._ready = threading.Event()
+
+    @property
+    def defaults(self) -> ModelDefaults:
+        """The default model's defaults."""
+        return self.models.defaults(self.model_name)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -139,37 +158,59 @@ class Engine:
 
     # -- the engine thread ----------------------------------------------------------------------
 
-    def _load(self) -> Any:
-        from sdgate.engine.loader import load_model
+    def _load_entry(self, entry: ModelEntry) -> Resident:
+        """Load one offered model (on the engine thread), with the pipelines made from it."""
+        from sdgate.engine.pipelines import Pipelines
+        from sdgate.engine.schedulers import SchedulerCache
 
-        return load_model(
-            self.settings.model,
-            device=self.settings.device,
-            dtype=self.settings.dtype,
-            models_dir=self.settings.paths.models,
-            single_file_config=self.settings.single_file_config,
-            channels_last=self.settings.channels_last,
-            compile_unet=self.settings.compile,
-        )
+        if self._loader is not None and entry.name == self.model_name:
+            loaded = self._loader()
+        else:
+            from sdgate.engine.loader import load_model
+
+            loaded = load_model(
+                entry.spec,
+                device=self.settings.device,
+                dtype=self.settings.dtype,
+                models_dir=self.settings.paths.models,
+                single_file_config=self.settings.single_file_config,
+                channels_last=self.settings.channels_last,
+                compile_unet=self.settings.compile,
+            )
+        return Resident(entry, loaded, Pipelines(loaded.pipeline), SchedulerCache(loaded.pipeline))
+
+    def _peek(self, entry: ModelEntry) -> ModelDefaults:
+        from sdgate.engine.loader import peek_defaults
+
+        return peek_defaults(entry.spec, self.settings.paths.models)
+
+    def _use(self, name: str) -> Resident:
+        """The model for a batch, loaded if need be, with the CPU threads that suit it.
+
+        Threads: the setting, else the model's own default, else torch's. Set here, on the thread that
+        runs the pipeline: OpenMP's thread count is per calling thread.
+        """
+        if self._resident is not None and self._resident.entry.name != name:
+            self._resident = None  # so that an unload below really frees the previous model's memory
+        resident = self.models.get(name)
+        self._resident = resident
+        threads = self.settings.torch_threads or resident.defaults.torch_threads
+        if threads and threads != self._threads:
+            import torch
+
+            torch.set_num_threads(threads)
+            self._threads = threads
+        return resident
 
     def _main(self) -> None:
-        # 1. load
+        # 1. load the default model (the others when a request asks for them)
         try:
-            loaded = self._loader()
-            self.defaults = loaded.defaults
-            self.device = loaded.device
-            from sdgate.engine.pipelines import Pipelines
-            from sdgate.engine.schedulers import SchedulerCache
+            if self.settings.max_loaded_models is None:
+                from sdgate.engine.loader import pick_device
 
-            self._pipes = Pipelines(loaded.pipeline)
-            self._schedulers = SchedulerCache(loaded.pipeline)
-            # CPU threads: the setting, else the model's own default, else torch's. Set here, on the
-            # thread that runs the pipeline: OpenMP's thread count is per calling thread.
-            threads = self.settings.torch_threads or self.defaults.torch_threads
-            if threads:
-                import torch
-
-                torch.set_num_threads(threads)
+                self.models.max_loaded = default_max_loaded(pick_device(self.settings.device))
+            resident = self._use(self.model_name)
+            self.device = resident.loaded.device
         except Exception as e:
             log.error("model load failed: %s", e, exc_info=not isinstance(e, ImportError))
             self.load_error = str(e)
@@ -304,12 +345,30 @@ class Engine:
                         masks.append(t.inputs.mask.image)
         steps_to_run = p.steps_to_run
 
-        for t in live:  # step 0: the task has started
-            if t.progress is not None:
-                try:
-                    t.progress(0, steps_to_run)
-                except Exception:
-                    log.warning("progress callback failed", exc_info=True)
+        def tell(step: int) -> None:
+            for t in live:
+                if t.progress is not None:
+                    try:
+                        t.progress(step, steps_to_run)
+                    except Exception:
+                        log.warning("progress callback failed", exc_info=True)
+
+        # The batch's model: loaded now if it is not (its jobs show the loading phase meanwhile).
+        name = p.model or self.model_name
+        if not self.models.is_loaded(name):
+            tell(LOADING_STEP)
+        try:
+            self._use(name)
+        except Exception as e:
+            log.error("model %s failed to load: %s", name, e, exc_info=not isinstance(e, ImportError))
+            err = GenerationFailed(f"model {name} could not be loaded: {e}; the next request for it tries again")
+            with self._stats_lock:
+                self.stats.failures += len(live)
+            for t in live:
+                if not t.future.done():
+                    t.future.set_exception(err)
+            return
+        tell(0)  # step 0: the task has started
 
         def on_step(step: int) -> None:
             # Cancel is per task: a canceled task is answered now, its rows finish unused,
@@ -413,10 +472,12 @@ class Engine:
 
         # CPU generators: the same seed gives the same starting noise on every device.
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        resident = self._resident
+        assert resident is not None, "a batch runs on the model _use() made resident"
         with torch.inference_mode():
-            return self._pipes.run(
+            made: list[Any] = resident.pipes.run(
                 mode,
-                scheduler=self._schedulers.get(scheduler),
+                scheduler=resident.schedulers.get(scheduler),
                 prompts=prompts,
                 negatives=negatives,
                 generators=generators,
@@ -429,6 +490,7 @@ class Engine:
                 masks=masks,
                 on_step=on_step,
             )
+        return made
 
     def _fail_pending(self, err: Exception) -> None:
         with self._cond:

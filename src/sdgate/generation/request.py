@@ -74,10 +74,15 @@ def _input_side(name: str, value: int, inputs: ImageInputs) -> int:
 
 
 def resolve_request(
-    req: GenerationRequest, settings: Settings, model: ModelDefaults, inputs: ImageInputs | None = None
+    req: GenerationRequest,
+    settings: Settings,
+    model: ModelDefaults,
+    inputs: ImageInputs | None = None,
+    model_name: str | None = None,
 ) -> GenerationParams:
     """Apply settings-dependent limits and defaults. Raises :class:`InvalidRequest` naming the field.
 
+    ``model`` is the defaults of the model the request runs on (``model_name``, checked by the caller).
     ``inputs`` are the request's images as :func:`read_inputs` checked them; their keys are filled
     in when they are stored (:meth:`sdgate.jobs.JobRunner.keep_inputs`).
     """
@@ -132,4 +137,5 @@ def resolve_request(
         quality=req.quality or settings.jpeg_quality,
         mode=mode,
         strength=strength,
+        model=model_name,
     )

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from sdgate.auth import ApiKey, Guard
 from sdgate.backends import Backend
 from sdgate.config import Settings
-from sdgate.errors import error_of_type
+from sdgate.errors import InvalidRequest, error_of_type
 from sdgate.generation.request import effective_defaults, read_inputs, resolve_request
 from sdgate.jobs import Job, JobRunner
 from sdgate.schemas import GenerationRequest, JobStatus, ModelDefaults, Surface
@@ -71,9 +71,18 @@ class GenerationService:
         self.jobs = jobs
         self.guard = guard
 
-    def defaults(self) -> ModelDefaults:
-        """What a request that names nothing gets (``GET /v1/models`` shows these)."""
-        return effective_defaults(self.settings, self.backend.defaults())
+    def defaults(self, model: str | None = None) -> ModelDefaults:
+        """What a request that names nothing else gets on ``model`` (``GET /v1/models`` shows these)."""
+        return effective_defaults(self.settings, self.backend.defaults(model))
+
+    def model_of(self, request: GenerationRequest) -> str:
+        """The model a request runs on: the one it names, else the default; 422 naming ``model`` if unknown."""
+        names = self.backend.model_names()
+        if request.model is None:
+            return names[0]
+        if request.model not in names:
+            raise InvalidRequest(f"unknown model {request.model!r}; valid: {', '.join(names)}", field="model")
+        return request.model
 
     async def generate(
         self,
@@ -95,13 +104,16 @@ class GenerationService:
         # 1. resolve: a waiting request holds until the model is loaded, whose defaults it gets
         if wait_s is not None:
             await self.jobs.wait_ready(timeout=self.settings.backend_timeout_s)
-        model = self.backend.defaults()
+        models = [self.model_of(r) for r in requests]
         # Decoding an image takes milliseconds of CPU: off the event loop.
         inputs = [
             await asyncio.to_thread(read_inputs, r, self.settings) if r.image else read_inputs(r, self.settings)
             for r in requests
         ]
-        params = [resolve_request(r, self.settings, model, i) for r, i in zip(requests, inputs, strict=True)]
+        params = [
+            resolve_request(r, self.settings, self.backend.defaults(m), i, m)
+            for r, i, m in zip(requests, inputs, models, strict=True)
+        ]
         self.jobs.check_webhook(webhook_url)
         if idempotency_key is not None:
             earlier = self.jobs.find_idempotent(caller.owner, idempotency_key, body_hash)

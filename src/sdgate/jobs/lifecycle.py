@@ -19,7 +19,15 @@ from sdgate.imaging import ImageInputs
 from sdgate.jobs.events import Event
 from sdgate.jobstore import JobRecord, JobStore
 from sdgate.metrics import Metrics
-from sdgate.schemas import ErrorInfo, GenerationParams, GenerationResponse, JobStatus, StoredImage, Timings
+from sdgate.schemas import (
+    LOADING_STEP,
+    ErrorInfo,
+    GenerationParams,
+    GenerationResponse,
+    JobStatus,
+    StoredImage,
+    Timings,
+)
 
 CANCELED = ErrorInfo(type="canceled", message="canceled by request")
 
@@ -66,6 +74,8 @@ class Job:
     total_steps: int = 0
     outputs: list[Output] = field(default_factory=list)
     subscribers: set[asyncio.Queue[Event]] = field(default_factory=set)
+    loading: bool = False
+    """Its model is being loaded (the backend said so; until its first step)."""
     inputs: ImageInputs | None = None
     """The decoded input images while the job that received them is in memory (else read from storage)."""
 
@@ -108,10 +118,18 @@ class Job:
         self._save()
 
     def advance(self, step: int, total: int) -> None:
-        """Progress of a running job: in memory and to subscribers, not to the store (too often)."""
+        """Progress of a running job: in memory and to subscribers, not to the store (too often).
+
+        ``LOADING_STEP``: its model is being loaded first (a ``loading`` event).
+        """
         if self.record.status.is_terminal():
             return
         self.start()
+        if step == LOADING_STEP:
+            self.loading = True
+            self.publish("loading")
+            return
+        self.loading = False
         self.step, self.total_steps = step, total
         if step > 0:
             self.publish("progress")

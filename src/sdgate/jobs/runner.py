@@ -214,7 +214,7 @@ class JobRunner:
             status=JobStatus.queued,
             created=time.time(),
             params=params,
-            model=self.backend.model_name,
+            model=params.model or self.backend.model_name,
             surface=surface,
             owner=owner,
             idempotency_key=idempotency_key,
@@ -285,7 +285,7 @@ class JobRunner:
     def view(self, job: Job) -> GenerationResponse:
         """The public form of a job: record fields, plus live progress and queue position."""
         record = job.record
-        progress = Progress(step=job.step, total_steps=job.total_steps)
+        progress = Progress(step=job.step, total_steps=job.total_steps, loading=job.loading)
         queue_position = None
         if not job.local or record.status.is_terminal():
             progress.eta_ms = 0 if record.status.is_terminal() else None
@@ -361,7 +361,7 @@ class JobRunner:
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job.subscribers.add(queue)
         try:
-            first = "queued" if job.status == JobStatus.queued else "started"
+            first = "queued" if job.status == JobStatus.queued else "loading" if job.loading else "started"
             yield Event(first, self.view(job).model_dump(mode="json"))
             while True:
                 try:
