@@ -4,6 +4,8 @@ clearly and is tried again by the next request."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +57,15 @@ def test_a_model_not_in_memory_is_loaded_for_its_batch_and_its_jobs_are_told(eng
     seen.clear()
     engine.submit(params(engine.settings, model="other"), lambda s, t: seen.append((s, t))).result(TIMEOUT)
     assert LOADING_STEP not in [s for s, _ in seen]  # in memory now: no loading phase
+
+
+def test_an_unloaded_model_is_gone_from_memory(engine: Engine) -> None:
+    """Nothing keeps an unloaded pipeline alive (the engine thread once held the default model in a local)."""
+    pipeline = weakref.ref(engine.models.get_resident("tiny").loaded.pipeline)
+    engine.submit(params(engine.settings, model="other")).result(TIMEOUT)
+    assert not engine.models.is_loaded("tiny")
+    gc.collect()
+    assert pipeline() is None
 
 
 def test_a_model_that_fails_to_load_fails_its_jobs_and_is_tried_again(engine: Engine) -> None:

@@ -9,6 +9,8 @@ touches pipelines; other threads read names, defaults and whether a model is loa
 from __future__ import annotations
 
 import collections
+import contextlib
+import ctypes
 import gc
 import logging
 import threading
@@ -70,6 +72,11 @@ class ModelPool:
         with self._lock:
             return name in self._resident
 
+    def get_resident(self, name: str) -> Resident:
+        """A resident model as it is (no load, no reordering); KeyError if it is not in memory."""
+        with self._lock:
+            return self._resident[name]
+
     def defaults(self, name: str) -> ModelDefaults:
         """The model's defaults: its own once loaded, else read from its configs (without its weights)."""
         with self._lock:
@@ -115,5 +122,12 @@ class ModelPool:
             import torch
 
             torch.cuda.empty_cache()
+        _trim_heap()
         self.unloads += 1
         log.info("unloaded model %s", name)
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them otherwise: the RSS would stay high)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): no such call
+        ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -209,8 +209,9 @@ class Engine:
                 from sdgate.engine.loader import pick_device
 
                 self.models.max_loaded = default_max_loaded(pick_device(self.settings.device))
-            resident = self._use(self.model_name)
-            self.device = resident.loaded.device
+            # No local keeps it: the engine thread's frame lives as long as the server, and would keep
+            # the default model in memory after the pool unloaded it.
+            self.device = self._use(self.model_name).loaded.device
         except Exception as e:
             log.error("model load failed: %s", e, exc_info=not isinstance(e, ImportError))
             self.load_error = str(e)
