@@ -25,13 +25,10 @@ from typing import Any
 
 from PIL import Image
 
-from sdgate.backends.local import LocalBackend
 from sdgate.config import Settings
 from sdgate.generation import Caller, GenerationService
-from sdgate.jobs import JobRunner
-from sdgate.jobstore import create_job_store
+from sdgate.generation.in_process import in_process
 from sdgate.schemas import GenerationRequest, Surface
-from sdgate.storage import create_storage
 
 HERE = Path(__file__).resolve().parent
 SCALE = 3
@@ -71,13 +68,11 @@ def save_enlarged(data: bytes, name: str) -> Path:
 
 async def make(data_dir: Path) -> list[Path]:
     settings = Settings(data_dir=data_dir, model="demo", device="cpu", dtype="float32", warmup=False)
-    backend = LocalBackend(settings)
-    store = create_job_store(settings)
-    runner = JobRunner(settings, backend, create_storage(settings), store)
-    service = GenerationService(settings, backend, runner)
-    await backend.start()
-    await runner.start(recover_jobs=False)
+    async with in_process(settings) as service:
+        return await _make(service)
 
+
+async def _make(service: GenerationService) -> list[Path]:
     async def generate(**fields: Any) -> bytes:
         request = GenerationRequest(output_format="png", **fields)
         generation = await service.generate([request], surface=Surface.cli, caller=Caller(), wait_s=600)
@@ -85,24 +80,19 @@ async def make(data_dir: Path) -> list[Path]:
         data: bytes = generation.job.outputs[0].data
         return data
 
-    try:
-        await runner.wait_ready(timeout=600)
-        written = []
-        source = await generate(**INPUT)
-        written.append(save_enlarged(source, "example-input.png"))
-        for strength in STRENGTHS:
-            result = await generate(**IMG2IMG, image=b64(source), strength=strength)
-            written.append(save_enlarged(result, f"example-img2img-{strength}.png"))
-        with Image.open(io.BytesIO(source)) as im:
-            mask = png(left_half_mask(*im.size))
-        written.append(save_enlarged(mask, "example-mask.png"))
-        inpainted = await generate(**INPAINT, image=b64(source), mask=b64(mask))
-        written.append(save_enlarged(inpainted, "example-inpainted.png"))
-        return written
-    finally:
-        await runner.close()
-        await backend.close()
-        store.close()
+    await service.jobs.wait_ready(timeout=600)
+    written = []
+    source = await generate(**INPUT)
+    written.append(save_enlarged(source, "example-input.png"))
+    for strength in STRENGTHS:
+        result = await generate(**IMG2IMG, image=b64(source), strength=strength)
+        written.append(save_enlarged(result, f"example-img2img-{strength}.png"))
+    with Image.open(io.BytesIO(source)) as im:
+        mask = png(left_half_mask(*im.size))
+    written.append(save_enlarged(mask, "example-mask.png"))
+    inpainted = await generate(**INPAINT, image=b64(source), mask=b64(mask))
+    written.append(save_enlarged(inpainted, "example-inpainted.png"))
+    return written
 
 
 def main() -> None:

@@ -230,21 +230,12 @@ def _generate_local(settings: Settings, body: dict[str, Any], output: Path) -> l
 async def _run_in_process(settings: Settings, request: Any) -> Any:
     from tqdm import tqdm
 
-    from sdgate.backends.local import LocalBackend
-    from sdgate.generation import Caller, GenerationService
-    from sdgate.jobs import JobRunner
-    from sdgate.jobstore import create_job_store
+    from sdgate.generation import Caller
+    from sdgate.generation.in_process import in_process
     from sdgate.schemas import Surface
-    from sdgate.storage import create_storage
 
-    backend = LocalBackend(settings)
-    store = create_job_store(settings)
-    runner = JobRunner(settings, backend, create_storage(settings), store)
-    service = GenerationService(settings, backend, runner)
-    await backend.start()
-    # A server sharing this data dir may be running its unfinished jobs: the CLI recovers none.
-    await runner.start(recover_jobs=False)
-    try:
+    async with in_process(settings) as service:
+        runner = service.jobs
         with tqdm(desc=f"loading {settings.model}", bar_format="{desc} {elapsed}", file=sys.stderr):
             await runner.wait_ready(timeout=settings.backend_timeout_s)
         generation = await service.generate([request], surface=Surface.cli, caller=Caller(), wait_s=None)
@@ -255,10 +246,6 @@ async def _run_in_process(settings: Settings, request: Any) -> Any:
                 bar.update(step - bar.n)
         generation.raise_for_failure()
         return job
-    finally:
-        await runner.close()
-        await backend.close()
-        store.close()
 
 
 @main.group()
