@@ -94,7 +94,11 @@ class ModelPool:
         """The model in memory, loaded now if it is not (the least recently used one unloaded first).
 
         A load that fails raises, and leaves nothing behind: the next request for the model tries again.
+        A name this server does not offer (a job recovered from a run with other SDGATE_MODELS) raises
+        ``LookupError`` saying so, and unloads nothing.
         """
+        if name not in self.entries:
+            raise LookupError(f"this server does not offer model {name!r}; it offers {', '.join(self.entries)}")
         with self._lock:
             present = self._resident.get(name)
             if present is not None:

@@ -89,6 +89,15 @@ def test_defaults_are_peeked_until_a_model_is_loaded() -> None:
     assert pool.defaults("bb").width == 16  # its own, once loaded
 
 
+def test_a_model_the_server_does_not_offer_is_refused_without_unloading_anything() -> None:
+    loads = Loads()
+    pool = ModelPool(ENTRIES, loads, peek, max_loaded=1)
+    pool.get("a")
+    with pytest.raises(LookupError, match="does not offer model 'gone'; it offers a, bb, ccc"):
+        pool.get("gone")
+    assert pool.is_loaded("a") and loads.calls == ["a"]
+
+
 def test_a_failed_load_leaves_nothing_behind_and_is_tried_again() -> None:
     loads = Loads(fail="bb")
     pool = ModelPool(ENTRIES, loads, peek, max_loaded=2)
