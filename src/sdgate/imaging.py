@@ -130,6 +130,9 @@ _OTHER_FORMATS = (
 )
 
 
+_LEADING_SPACE = re.compile(rb"\s*")
+
+
 class InputError(ValueError):
     """An input image that sdgate will not read; the message says why and what to send instead."""
 
@@ -201,8 +204,11 @@ def read_input(data: bytes, field: str, max_pixels: int, *, mask: bool = False) 
     costs nothing.
     """
     # 1. what it is, from its first bytes and its header
+    # Past leading whitespace (an SVG may start with a blank line), without copying the data per format.
+    space = _LEADING_SPACE.match(data)
+    start = space.end() if space else 0
     for magic, name in _OTHER_FORMATS:
-        if data.lstrip()[: len(magic)] == magic:
+        if data.startswith(magic, start):
             raise InputError(f"{field} is {name}; send a PNG, JPEG or WebP image", field)
     try:
         with warnings.catch_warnings():
