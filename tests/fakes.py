@@ -18,7 +18,15 @@ from sdgate.backends import BackendState
 from sdgate.errors import Canceled, SdgateError, StorageError
 from sdgate.imaging import ImageInputs
 from sdgate.jobstore import DuplicateJob, JobRecord
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, JobStatus, ModelDefaults, ProgressFn
+from sdgate.schemas import (
+    GeneratedImage,
+    GenerationParams,
+    GenerationResult,
+    JobStatus,
+    LoraInfo,
+    ModelDefaults,
+    ProgressFn,
+)
 from sdgate.storage import StoredObject, is_valid_key
 
 FAKE_DEFAULTS = ModelDefaults(width=64, height=64, num_inference_steps=2, guidance_scale=5.0)
@@ -48,14 +56,17 @@ class FakeBackend:
         defaults: ModelDefaults = FAKE_DEFAULTS,
         hold: asyncio.Event | None = None,
         models: dict[str, ModelDefaults] | None = None,
+        loras: dict[str, list[str]] | None = None,
     ) -> None:
-        """``models``: the models it offers by name with their defaults (default: one, ``fake-model``)."""
+        """``models``: the models it offers by name with their defaults (default: one, ``fake-model``).
+        ``loras``: the LoRAs it offers by name, with the models each fits (default: none)."""
         self._state = state
         self._models = models or {self.model_name: defaults}
         self.model_name = next(iter(self._models))
         self.error = error
         self._defaults = defaults
         self.hold = hold
+        self._loras = loras or {}
         self.ran: list[GenerationParams] = []
         self.loaded: set[str] = set()
         """Models other than the default that a generation has used (as if loaded for it)."""
@@ -83,6 +94,14 @@ class FakeBackend:
 
     def defaults(self, model: str | None = None) -> ModelDefaults:
         return self._models[model or self.model_name]
+
+    def loras(self) -> list[LoraInfo]:
+        return [LoraInfo(name, 1000, list(fits), []) for name, fits in self._loras.items()]
+
+    def lora_problem(self, model: str, name: str) -> str | None:
+        if name not in self._loras:
+            return f"unknown LoRA {name!r}; offered: {', '.join(self._loras) or 'none'}"
+        return None if model in self._loras[name] else f"LoRA {name!r} does not fit model {model!r}"
 
     async def generate(
         self,

@@ -17,6 +17,7 @@ from pydantic import ValidationError
 
 from sdgate.config import Settings
 from sdgate.errors import SdgateError
+from sdgate.schemas import parse_loras
 
 F = TypeVar("F", bound=Callable[..., Any])
 _FORMATS = {".jpg": "jpeg", ".jpeg": "jpeg", ".png": "png", ".webp": "webp"}
@@ -128,6 +129,13 @@ def serve(**options: Any) -> None:
 @click.option(
     "--strength", type=float, help="With --image: how far from it, 0 < s <= 1 (default 0.8; 1.0 with --mask)."
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="NAME[:WEIGHT]",
+    help="Apply a LoRA from the LoRA directory (weight 1 if left out); repeat for several.",
+)
 @click.option("--async", "use_async", is_flag=True, help="With --url: submit a job and follow its progress events.")
 @settings_options
 def generate(
@@ -137,6 +145,7 @@ def generate(
     use_async: bool,
     image_path: Path | None,
     mask_path: Path | None,
+    loras: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Generate an image from PROMPT (and --image, to start from a picture) and write it to --output."""
@@ -160,6 +169,11 @@ def generate(
     for k in request_fields:
         options.pop(k, None)
     body.update(prompt=prompt, output_format=fmt)
+    if loras:
+        try:
+            body["loras"] = parse_loras(",".join(loras))
+        except ValueError as e:
+            raise click.UsageError(f"--lora: {e}") from None
     # Images go as in a JSON request, in base64: the server (or the service in process) checks them.
     for name, path in (("image", image_path), ("mask", mask_path)):
         if path is not None:

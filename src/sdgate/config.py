@@ -113,6 +113,11 @@ class Settings(BaseSettings):
         description="Most pipelines held in memory (least recently used is unloaded). Default: 1 on a GPU "
         "(a second SDXL does not fit most cards), 2 on a CPU (RAM is larger and the switch costs seconds).",
     )
+    lora_dir: Path | None = Field(
+        None,
+        description="LoRA adapters: each *.safetensors file here is offered by its file stem (diffusers, PEFT "
+        "or kohya format). Default: <data dir>/loras.",
+    )
     device: Device = Field("auto", description="auto | cpu | cuda | mps.")
     dtype: DType = Field("auto", description="auto (fp16 on CUDA, fp32 elsewhere) | float32 | float16 | bfloat16.")
     max_batch_size: int = Field(8, ge=1, le=64, description="Most images in one pipeline call.")
@@ -309,6 +314,11 @@ class Settings(BaseSettings):
         if self.auth == "off":
             return False
         return not is_loopback(self.host)
+
+    @property
+    def loras_dir(self) -> Path:
+        """Where LoRA files are read from: SDGATE_LORA_DIR, else ``loras`` under the data dir."""
+        return self.lora_dir or self.paths.loras
 
     @property
     def paths(self) -> DataPaths:

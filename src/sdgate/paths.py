@@ -35,3 +35,8 @@ class DataPaths:
     def models(self) -> Path:
         """Built-in and downloaded models."""
         return self.root / "models"
+
+    @property
+    def loras(self) -> Path:
+        """LoRA adapters (unless SDGATE_LORA_DIR names another directory)."""
+        return self.root / "loras"

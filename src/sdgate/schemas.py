@@ -7,6 +7,7 @@ checked by :func:`sdgate.generation.request.resolve_request`, before any model w
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -19,6 +20,10 @@ from sdgate.formats import ImageFormat
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "unipc")
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_SEED = 2**32 - 1
+MAX_LORAS = 8
+"""Most LoRAs in one request."""
+LORA_WEIGHT_RANGE = (-4.0, 4.0)
+"""A LoRA's weight: 1 applies it as trained, 0 turns it off, negative pushes away from it."""
 
 
 def check_side(name: str, value: int) -> int:
@@ -36,6 +41,43 @@ def check_prompt(value: str, name: str = "prompt") -> str:
     if not value.strip():
         raise ValueError(f"{name} must not be empty")
     return value
+
+
+class LoraRequest(BaseModel):
+    """One LoRA of a request: its name from ``GET /v1/loras`` and how strongly it applies."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=200, description="A LoRA's name from GET /v1/loras.")
+    weight: float = Field(
+        1.0,
+        ge=LORA_WEIGHT_RANGE[0],
+        le=LORA_WEIGHT_RANGE[1],
+        description=f"{LORA_WEIGHT_RANGE[0]:g}..{LORA_WEIGHT_RANGE[1]:g}: 1 as trained, 0 off, negative away from it.",
+    )
+
+
+def parse_loras(value: Any) -> Any:
+    """A form field or CLI value: a JSON array, or ``name:weight`` entries separated by commas."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise ValueError("loras is not a valid JSON array") from None
+    out: list[dict[str, Any]] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, weight = part.rpartition(":")
+        if not sep:
+            out.append({"name": part})
+            continue
+        try:
+            out.append({"name": name.strip(), "weight": float(weight)})
+        except ValueError:
+            raise ValueError(f"loras entry {part!r}: the weight after ':' must be a number") from None
+    return out
 
 
 class GenerationRequest(BaseModel):
@@ -79,6 +121,27 @@ class GenerationRequest(BaseModel):
         le=1,
         description="How far the result may move from image: 0 < strength <= 1 (default 0.8; 1.0 with a mask).",
     )
+    loras: list[LoraRequest] | None = Field(
+        None,
+        max_length=MAX_LORAS,
+        description=f"LoRA adapters from GET /v1/loras with their weights, at most {MAX_LORAS}, each name once. "
+        'In a form: a JSON array, or "name:weight,name:weight".',
+    )
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_text(cls, v: Any) -> Any:
+        return parse_loras(v)
+
+    @field_validator("loras")
+    @classmethod
+    def _loras_once(cls, v: list[LoraRequest] | None) -> list[LoraRequest] | None:
+        if v:
+            names = [lora.name for lora in v]
+            twice = sorted({n for n in names if names.count(n) > 1})
+            if twice:
+                raise ValueError(f"each LoRA may appear once; given more than once: {', '.join(twice)}")
+        return v or None
 
     @field_validator("prompt")
     @classmethod
@@ -126,6 +189,14 @@ DEFAULT_STRENGTH = {Mode.img2img: 0.8, Mode.inpaint: 1.0}
 
 
 @dataclass(frozen=True)
+class LoraWeight:
+    """A LoRA applied to a generation, with its weight."""
+
+    name: str
+    weight: float
+
+
+@dataclass(frozen=True)
 class GenerationParams:
     """A fully resolved, validated request: every field set, one seed per image.
 
@@ -150,6 +221,13 @@ class GenerationParams:
     mask_key: str | None = None
     model: str | None = None
     """The model's name (None on records made before servers offered several: the default)."""
+    loras: tuple[LoraWeight, ...] = ()
+    """The LoRAs as the request named them, in its order (weight 0 included: it is recorded, not run)."""
+
+    @property
+    def active_loras(self) -> tuple[LoraWeight, ...]:
+        """The LoRAs that change the image: weight 0 is the same as leaving a LoRA out, so it does not run."""
+        return tuple(sorted((lo for lo in self.loras if lo.weight != 0), key=lambda lo: lo.name))
 
     @property
     def num_images(self) -> int:
@@ -166,6 +244,7 @@ class GenerationParams:
         """Requests with equal keys can share one pipeline call (each row keeps its own inputs and seed)."""
         return (
             self.model,
+            self.active_loras,
             self.mode,
             self.width,
             self.height,
@@ -188,6 +267,8 @@ class GenerationParams:
         }
         if self.mode is not Mode.txt2img:
             fields.update(mode=self.mode.value, strength=self.strength)
+        if self.loras:
+            fields["loras"] = [{"name": lo.name, "weight": lo.weight} for lo in self.loras]
         return fields
 
 
@@ -292,6 +373,7 @@ class GenerationResponse(BaseModel):
     id: str
     status: JobStatus
     model: str
+    loras: list[LoraWeight] = Field(default_factory=list, description="The LoRAs applied, with their weights.")
     surface: Surface | None = Field(None, description="The API the generation came through.")
     created: int
     images: list[ImageResult] = Field(default_factory=list)
@@ -327,6 +409,36 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+@dataclass(frozen=True)
+class LoraInfo:
+    """A LoRA a backend offers, as its engine reads it (``GET /v1/loras``)."""
+
+    name: str
+    bytes: int
+    fits: list[str]
+    """The offered models it fits: every module it changes is there, with the shapes it expects."""
+    unknown: list[str]
+    """The offered models it could not be checked against yet (they are checked when they load)."""
+    error: str | None = None
+    """Why the file cannot be read as a LoRA (it then fits no model)."""
+
+
+class LoraCard(BaseModel):
+    name: str
+    object: Literal["lora"] = "lora"
+    bytes: int = Field(description="Size of the file.")
+    models: list[str] = Field(description="The models it fits (a request for it on another is refused).")
+    unchecked: list[str] = Field(
+        default_factory=list, description="Models not checked yet: a request on one is checked when it loads."
+    )
+    error: str | None = Field(None, description="Why the file cannot be used as a LoRA.")
+
+
+class LoraList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[LoraCard]
 
 
 class ErrorDetail(BaseModel):

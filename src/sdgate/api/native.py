@@ -33,6 +33,8 @@ from sdgate.schemas import (
     GenerationRequest,
     GenerationResponse,
     JobList,
+    LoraCard,
+    LoraList,
     ModelCard,
     ModelList,
     Surface,
@@ -88,6 +90,11 @@ def request_schemas() -> dict[str, Any]:
             "format": "binary",
             "description": schema["properties"][name]["description"].split(":", 1)[0] + " (a file).",
         }
+    form["properties"]["loras"] = {
+        "type": "string",
+        "description": 'LoRAs as a JSON array of {"name", "weight"}, or "name:weight,name:weight".',
+        "examples": ["style:0.8"],
+    }
     return {"GenerationRequest": schema, "GenerationRequestForm": form}
 
 
@@ -274,3 +281,14 @@ async def list_models(ctx: Ctx) -> ModelList:
             )
         )
     return ModelList(data=cards)
+
+
+@router.get("/loras", response_model=LoraList, responses=AUTH_RESPONSES, tags=["models"])
+async def list_loras(ctx: Ctx) -> LoraList:
+    """The LoRAs this server offers (the files of SDGATE_LORA_DIR), each with the models it fits.
+
+    A request names them in ``loras``; one on a model it does not fit is refused with a 422."""
+    infos = await asyncio.to_thread(ctx.backend.loras)  # a file's first look reads it
+    return LoraList(
+        data=[LoraCard(name=i.name, bytes=i.bytes, models=i.fits, unchecked=i.unknown, error=i.error) for i in infos]
+    )

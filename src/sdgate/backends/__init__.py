@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sdgate.config import Settings
-from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -53,6 +53,14 @@ class Backend(Protocol):
 
     def defaults(self, model: str | None = None) -> ModelDefaults:
         """What ``model`` (None: the default) uses for fields a request leaves out."""
+        ...
+
+    def loras(self) -> list[LoraInfo]:
+        """The LoRAs this backend offers, with the models each fits. May read files: not on the event loop."""
+        ...
+
+    def lora_problem(self, model: str, name: str) -> str | None:
+        """Why LoRA ``name`` cannot run on ``model``; None when it can. May read files: not on the event loop."""
         ...
 
     async def generate(

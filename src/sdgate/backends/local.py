@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.engine.runner import Engine
-from sdgate.schemas import GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -46,6 +46,12 @@ class LocalBackend:
 
     def defaults(self, model: str | None = None) -> ModelDefaults:
         return self.engine.models.defaults(model or self.model_name)
+
+    def loras(self) -> list[LoraInfo]:
+        return self.engine.lora_info()
+
+    def lora_problem(self, model: str, name: str) -> str | None:
+        return self.engine.lora_problem(model, name)
 
     async def generate(
         self,

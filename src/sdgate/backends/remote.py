@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from sdgate.config import Settings
 from sdgate.errors import BackendError, Busy, Canceled, NotReady, SdgateError
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, ResponseError, parse_images, request_payload
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, ModelDefaults, ProgressFn
+from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -86,6 +86,12 @@ class RemoteBackend:
 
     def defaults(self, model: str | None = None) -> ModelDefaults:
         return self._defaults
+
+    def loras(self) -> list[LoraInfo]:
+        return []  # the endpoint's contract has no LoRAs
+
+    def lora_problem(self, model: str, name: str) -> str | None:
+        return f"LoRA {name!r}: this server's {self.name} backend offers no LoRAs"
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

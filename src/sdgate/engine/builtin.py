@@ -149,6 +149,14 @@ def sd_pipeline(*, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, sched
     )
 
 
+def built_dir(name: str, models_dir: Path) -> Path | None:
+    """Directory of built-in model ``name`` if it is there already (``tiny`` before its first use: None)."""
+    if name == "demo":
+        return DEMO_DIR
+    target = models_dir / _TINY_VERSION
+    return target if (target / _MARKER).is_file() else None
+
+
 def ensure_builtin(name: str, models_dir: Path) -> Path:
     """Directory of built-in model ``name``: ``demo``'s in the package, ``tiny``'s built on first use.
 
@@ -156,11 +164,10 @@ def ensure_builtin(name: str, models_dir: Path) -> Path:
     """
     if name not in BUILTIN_MODELS:
         raise ValueError(f"unknown built-in model {name!r}; built-in: {', '.join(BUILTIN_MODELS)}")
-    if name == "demo":
-        return DEMO_DIR
+    built = built_dir(name, models_dir)
+    if built is not None:
+        return built
     target = models_dir / _TINY_VERSION
-    if (target / _MARKER).is_file():
-        return target
     models_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=models_dir, prefix=".build-"))
     try:

@@ -106,6 +106,29 @@ def peek_defaults(spec: str, models_dir: Path) -> ModelDefaults:
     return defaults_for(spec, _cached_hub_side(spec))
 
 
+def model_directory(spec: str, models_dir: Path) -> Path | None:
+    """The diffusers directory a spec loads from, if it is on disk now (nothing is built or downloaded).
+
+    None for a single file, a built-in not built yet, or a hub id that is not cached.
+    """
+    path = Path(spec).expanduser()
+    if spec in BUILTIN_MODELS:
+        from sdgate.engine.builtin import DEMO_DIR, built_dir
+
+        return DEMO_DIR if spec == "demo" else built_dir(spec, models_dir)
+    if path.is_dir():
+        return path
+    if path.exists() or spec.startswith(("/", "./", "../", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        index = try_to_load_from_cache(spec, "model_index.json")
+    except Exception:  # no hub library, an id it refuses
+        return None
+    return Path(index).parent if isinstance(index, str) else None
+
+
 def _native_side(directory: Path) -> int:
     try:
         unet = json.loads((directory / "unet" / "config.json").read_text())

@@ -15,7 +15,7 @@ import gc
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sdgate.config import ModelEntry
@@ -26,12 +26,15 @@ log = logging.getLogger("sdgate.engine")
 
 @dataclass
 class Resident:
-    """A model in memory: its loaded pipeline, the pipelines made from it, its schedulers."""
+    """A model in memory: its loaded pipeline, the pipelines made from it, its schedulers, its LoRAs."""
 
     entry: ModelEntry
     loaded: Any  # sdgate.engine.loader.LoadedModel
     pipes: Any  # sdgate.engine.pipelines.Pipelines
     schedulers: Any  # sdgate.engine.schedulers.SchedulerCache
+    shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """Its layers' sizes, read before any adapter wrapped them (what LoRAs are checked against)."""
+    adapters: Any = None  # sdgate.engine.loras.Adapters: the LoRAs loaded into it
 
     @property
     def defaults(self) -> ModelDefaults:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from sdgate.backends import BackendState
 from sdgate.config import ModelEntry, Settings
+from sdgate.engine.loras import LoraError, LoraLibrary, Shapes, misfit, resolve
 from sdgate.engine.models import ModelPool, Resident, default_max_loaded
 from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
 from sdgate.schemas import (
@@ -27,6 +28,7 @@ from sdgate.schemas import (
     GeneratedImage,
     GenerationParams,
     GenerationResult,
+    LoraInfo,
     Mode,
     ModelDefaults,
     ProgressFn,
@@ -97,6 +99,9 @@ class Engine:
         self.model_name = entries[0].name
         self.device = "unknown"
         self.models = ModelPool(entries, self._load_entry, self._peek, settings.max_loaded_models)
+        self.loras = LoraLibrary(settings.loras_dir)
+        self._skeletons: dict[str, Shapes | None] = {}
+        self._skeleton_lock = threading.Lock()
         self._threads: int | None = None
         self._resident: Resident | None = None
         """The model of the batch being run (engine thread only)."""
@@ -156,6 +161,67 @@ class Engine:
         with self._cond:
             return len(self._pending)
 
+    # -- LoRAs (any thread; reading a file or a model's configs takes torch: not on the event loop) --
+
+    def model_shapes(self, model: str) -> Shapes | None:
+        """The layer sizes of ``model``: its own once loaded, else from its configs; None if unknown."""
+        try:
+            return dict(self.models.get_resident(model).shapes)
+        except KeyError:
+            pass
+        with self._skeleton_lock:
+            if model in self._skeletons:
+                return self._skeletons[model]
+        from sdgate.engine.loader import model_directory
+        from sdgate.engine.loras import skeleton_shapes
+
+        shapes: Shapes | None = None
+        directory = model_directory(self.models.entries[model].spec, self.settings.paths.models)
+        if directory is not None:
+            try:
+                shapes = skeleton_shapes(directory)
+            except Exception:  # a layout this check does not know: it is made when the model loads
+                log.info("the layers of model %s are checked when it loads", model, exc_info=True)
+        with self._skeleton_lock:
+            self._skeletons[model] = shapes
+        return shapes
+
+    def lora_problem(self, model: str, name: str) -> str | None:
+        """Why LoRA ``name`` cannot run on ``model`` (unknown, unreadable, does not fit); None if it can.
+
+        A model whose layers are not known until it loads passes here; its batch checks again.
+        """
+        lora = self.loras.files().get(name)
+        if lora is None:
+            offered = ", ".join(self.loras.files()) or "none"
+            return f"unknown LoRA {name!r}; offered: {offered}"
+        try:
+            targets = self.loras.targets(lora)
+        except LoraError as e:
+            return str(e)
+        shapes = self.model_shapes(model)
+        return None if shapes is None else misfit(name, targets, shapes)
+
+    def lora_info(self) -> list[LoraInfo]:
+        """Every LoRA of the directory, with the offered models it fits."""
+        out = []
+        for lora in self.loras.files().values():
+            fits, unknown = [], []
+            error = None
+            try:
+                targets = self.loras.targets(lora)
+            except LoraError as e:
+                error = str(e)
+            else:
+                for model in self.models.names():
+                    shapes = self.model_shapes(model)
+                    if shapes is None:
+                        unknown.append(model)
+                    elif misfit(lora.name, targets, shapes) is None:
+                        fits.append(model)
+            out.append(LoraInfo(lora.name, lora.stamp[0], fits, unknown, error))
+        return out
+
     # -- the engine thread ----------------------------------------------------------------------
 
     def _load_entry(self, entry: ModelEntry) -> Resident:
@@ -177,7 +243,12 @@ class Engine:
                 channels_last=self.settings.channels_last,
                 compile_unet=self.settings.compile,
             )
-        return Resident(entry, loaded, Pipelines(loaded.pipeline), SchedulerCache(loaded.pipeline))
+        from sdgate.engine.loras import Adapters, pipeline_shapes
+
+        pipe = loaded.pipeline
+        return Resident(
+            entry, loaded, Pipelines(pipe), SchedulerCache(pipe), shapes=pipeline_shapes(pipe), adapters=Adapters(pipe)
+        )
 
     def _peek(self, entry: ModelEntry) -> ModelDefaults:
         from sdgate.engine.loader import peek_defaults
@@ -359,15 +430,26 @@ class Engine:
         if not self.models.is_loaded(name):
             tell(LOADING_STEP)
         try:
-            self._use(name)
+            resident = self._use(name)
         except Exception as e:
             log.error("model %s failed to load: %s", name, e, exc_info=not isinstance(e, ImportError))
-            err = GenerationFailed(f"model {name} could not be loaded: {e}; the next request for it tries again")
-            with self._stats_lock:
-                self.stats.failures += len(live)
-            for t in live:
-                if not t.future.done():
-                    t.future.set_exception(err)
+            self._fail(
+                live, GenerationFailed(f"model {name} could not be loaded: {e}; the next request for it tries again")
+            )
+            return
+        # The batch's LoRAs: checked against the loaded model's own layers, loaded once, turned on.
+        try:
+            loras = resolve(self.loras, p.active_loras)
+            for lora, _ in loras:
+                problem = misfit(lora.name, self.loras.targets(lora), resident.shapes)
+                if problem is not None:
+                    raise LoraError(f"{problem} (model {name})")
+            if loras:
+                resident.adapters.activate(loras)
+        except LoraError as e:
+            if resident.adapters is not None:
+                resident.adapters.deactivate()
+            self._fail(live, GenerationFailed(str(e)))
             return
         tell(0)  # step 0: the task has started
 
@@ -386,7 +468,8 @@ class Engine:
                 raise _StopBatch
 
         try:
-            made = self._call_pipeline(
+            made = self._call(
+                resident,
                 prompts=prompts,
                 negatives=negatives,
                 seeds=seeds,
@@ -412,13 +495,9 @@ class Engine:
             hint = ""
             if "out of memory" in str(e).lower():
                 hint = " — the device ran out of memory; try a smaller size or fewer images"
-            err = GenerationFailed(f"the model failed to generate (error id {error_id}){hint}")
             with self._stats_lock:
                 self.stats.pipeline_calls += 1
-                self.stats.failures += len(live)
-            for t in live:
-                if not t.future.done():
-                    t.future.set_exception(err)
+            self._fail(live, GenerationFailed(f"the model failed to generate (error id {error_id}){hint}"))
             return
         self._last_batch_end = time.perf_counter()
         inference_ms = (self._last_batch_end - start) * 1000
@@ -451,6 +530,21 @@ class Engine:
                     batch_images=len(made),
                 )
             )
+
+    def _call(self, resident: Resident, **call: Any) -> list[Any]:
+        """One pipeline call of a batch; its LoRAs are turned off after it, whatever happens."""
+        try:
+            return self._call_pipeline(**call)
+        finally:
+            if resident.adapters is not None:
+                resident.adapters.deactivate()
+
+    def _fail(self, live: list[EngineTask], err: Exception) -> None:
+        with self._stats_lock:
+            self.stats.failures += len(live)
+        for t in live:
+            if not t.future.done():
+                t.future.set_exception(err)
 
     def _call_pipeline(
         self,

@@ -18,6 +18,7 @@ from sdgate.schemas import (
     MIN_SIDE,
     GenerationParams,
     GenerationRequest,
+    LoraWeight,
     Mode,
     ModelDefaults,
 )
@@ -79,10 +80,12 @@ def resolve_request(
     model: ModelDefaults,
     inputs: ImageInputs | None = None,
     model_name: str | None = None,
+    loras: tuple[LoraWeight, ...] = (),
 ) -> GenerationParams:
     """Apply settings-dependent limits and defaults. Raises :class:`InvalidRequest` naming the field.
 
-    ``model`` is the defaults of the model the request runs on (``model_name``, checked by the caller).
+    ``model`` is the defaults of the model the request runs on (``model_name``, checked by the caller,
+    like ``loras``).
     ``inputs`` are the request's images as :func:`read_inputs` checked them; their keys are filled
     in when they are stored (:meth:`sdgate.jobs.JobRunner.keep_inputs`).
     """
@@ -138,4 +141,5 @@ def resolve_request(
         mode=mode,
         strength=strength,
         model=model_name,
+        loras=loras,
     )

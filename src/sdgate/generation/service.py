@@ -26,7 +26,7 @@ from sdgate.config import Settings
 from sdgate.errors import InvalidRequest, error_of_type
 from sdgate.generation.request import effective_defaults, read_inputs, resolve_request
 from sdgate.jobs import Job, JobRunner
-from sdgate.schemas import GenerationRequest, JobStatus, ModelDefaults, Surface
+from sdgate.schemas import GenerationRequest, JobStatus, LoraWeight, ModelDefaults, Surface
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,20 @@ class GenerationService:
             raise InvalidRequest(f"unknown model {request.model!r}; valid: {', '.join(names)}", field="model")
         return request.model
 
+    async def loras_of(self, request: GenerationRequest, model: str) -> tuple[LoraWeight, ...]:
+        """The request's LoRAs, each checked on ``model``; 422 naming ``loras`` for one unknown or unfit."""
+        if not request.loras:
+            return ()
+        asked = [LoraWeight(lo.name, lo.weight) for lo in request.loras]
+
+        def check() -> str | None:  # the first look at a file or a model's configs reads them: off the loop
+            return next(filter(None, (self.backend.lora_problem(model, lo.name) for lo in asked)), None)
+
+        problem = await asyncio.to_thread(check)
+        if problem is not None:
+            raise InvalidRequest(problem, field="loras")
+        return tuple(asked)
+
     async def generate(
         self,
         requests: Sequence[GenerationRequest],
@@ -105,14 +119,15 @@ class GenerationService:
         if wait_s is not None:
             await self.jobs.wait_ready(timeout=self.settings.backend_timeout_s)
         models = [self.model_of(r) for r in requests]
+        loras = [await self.loras_of(r, m) for r, m in zip(requests, models, strict=True)]
         # Decoding an image takes milliseconds of CPU: off the event loop.
         inputs = [
             await asyncio.to_thread(read_inputs, r, self.settings) if r.image else read_inputs(r, self.settings)
             for r in requests
         ]
         params = [
-            resolve_request(r, self.settings, self.backend.defaults(m), i, m)
-            for r, i, m in zip(requests, inputs, models, strict=True)
+            resolve_request(r, self.settings, self.backend.defaults(m), i, m, lo)
+            for r, i, m, lo in zip(requests, inputs, models, loras, strict=True)
         ]
         self.jobs.check_webhook(webhook_url)
         if idempotency_key is not None:

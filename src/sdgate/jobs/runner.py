@@ -300,6 +300,7 @@ class JobRunner:
             id=record.id,
             status=record.status,
             model=record.model,
+            loras=list(record.params.loras),
             surface=record.surface,
             created=int(record.created),
             images=[img.public() for img in record.images],
