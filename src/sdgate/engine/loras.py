@@ -178,6 +178,11 @@ def misfit(name: str, targets: Shapes, shapes: Shapes) -> str | None:
     """Why LoRA ``name`` does not fit a model with ``shapes``; None when it does."""
     for module, want in targets.items():
         have = shapes.get(module)
+        if have is None and module.startswith("text_encoder"):
+            # CLIP's layers sit under ``text_model.`` in some transformers releases and not in others.
+            component, _, rest = module.partition(".")
+            other = rest.removeprefix("text_model.") if rest.startswith("text_model.") else f"text_model.{rest}"
+            have = shapes.get(f"{component}.{other}")
         if have is None:
             return f"LoRA {name!r} changes {module}, which this model does not have"
         if have != want:
