@@ -22,7 +22,7 @@ from sdgate.backends import BackendState
 from sdgate.config import ModelEntry, Settings
 from sdgate.engine.loras import LoraError, LoraLibrary, Shapes, misfit, resolve
 from sdgate.engine.models import ModelPool, Resident, default_max_loaded
-from sdgate.errors import Canceled, GenerationFailed, NotReady, new_error_id
+from sdgate.errors import Canceled, GenerationFailed, InvalidRequest, NotReady, new_error_id
 from sdgate.schemas import (
     LOADING_STEP,
     GeneratedImage,
@@ -164,24 +164,21 @@ class Engine:
     # -- LoRAs (any thread; reading a file or a model's configs takes torch: not on the event loop) --
 
     def model_shapes(self, model: str) -> Shapes | None:
-        """The layer sizes of ``model``: its own once loaded, else from its configs; None if unknown."""
-        try:
-            return dict(self.models.get_resident(model).shapes)
-        except KeyError:
-            pass
+        """The layer sizes of ``model``: its own once it has loaded, else from its configs; None if unknown."""
         with self._skeleton_lock:
             if model in self._skeletons:
                 return self._skeletons[model]
         from sdgate.engine.loader import model_directory
         from sdgate.engine.loras import skeleton_shapes
 
-        shapes: Shapes | None = None
         directory = model_directory(self.models.entries[model].spec, self.settings.paths.models)
-        if directory is not None:
-            try:
-                shapes = skeleton_shapes(directory)
-            except Exception:  # a layout this check does not know: it is made when the model loads
-                log.info("the layers of model %s are checked when it loads", model, exc_info=True)
+        if directory is None:  # not on disk yet (a hub id not downloaded, a built-in not built): ask again later
+            return None
+        shapes: Shapes | None = None
+        try:
+            shapes = skeleton_shapes(directory)
+        except Exception:  # a layout this check does not know: it is made when the model loads
+            log.info("the layers of model %s are checked when it loads", model, exc_info=True)
         with self._skeleton_lock:
             self._skeletons[model] = shapes
         return shapes
@@ -246,9 +243,10 @@ class Engine:
         from sdgate.engine.loras import Adapters, pipeline_shapes
 
         pipe = loaded.pipeline
-        return Resident(
-            entry, loaded, Pipelines(pipe), SchedulerCache(pipe), shapes=pipeline_shapes(pipe), adapters=Adapters(pipe)
-        )
+        shapes = pipeline_shapes(pipe)
+        with self._skeleton_lock:  # known from now on, loaded or not
+            self._skeletons[entry.name] = shapes
+        return Resident(entry, loaded, Pipelines(pipe), SchedulerCache(pipe), shapes=shapes, adapters=Adapters(pipe))
 
     def _peek(self, entry: ModelEntry) -> ModelDefaults:
         from sdgate.engine.loader import peek_defaults
@@ -449,7 +447,8 @@ class Engine:
         except LoraError as e:
             if resident.adapters is not None:
                 resident.adapters.deactivate()
-            self._fail(live, GenerationFailed(str(e)))
+            # The request's fault, found only now (a model whose layers were unknown until it loaded): a 4xx.
+            self._fail(live, InvalidRequest(str(e), field="loras"))
             return
         tell(0)  # step 0: the task has started
 
