@@ -118,6 +118,11 @@ class Settings(BaseSettings):
         description="LoRA adapters: each *.safetensors file here is offered by its file stem (diffusers, PEFT "
         "or kohya format). Default: <data dir>/loras.",
     )
+    openai_strict_models: bool = Field(
+        False,
+        description="OpenAI Images API: refuse model names this server does not offer (default: they get the "
+        "default model, so apps that send dall-e-3 or gpt-image-1 work unchanged).",
+    )
     device: Device = Field("auto", description="auto | cpu | cuda | mps.")
     dtype: DType = Field("auto", description="auto (fp16 on CUDA, fp32 elsewhere) | float32 | float16 | bfloat16.")
     max_batch_size: int = Field(8, ge=1, le=64, description="Most images in one pipeline call.")

@@ -282,6 +282,8 @@ class Surface(StrEnum):
     text2image = "text2image"
     sagemaker = "sagemaker"
     cli = "cli"
+    openai = "openai"
+    a1111 = "a1111"
 
 
 class JobStatus(StrEnum):
@@ -375,6 +377,7 @@ class GenerationResponse(BaseModel):
     model: str
     loras: list[LoraWeight] = Field(default_factory=list, description="The LoRAs applied, with their weights.")
     surface: Surface | None = Field(None, description="The API the generation came through.")
+    user: str | None = Field(None, description="The end user the caller named (OpenAI's user).")
     created: int
     images: list[ImageResult] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)
@@ -393,8 +396,12 @@ class JobList(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """A model as ``GET /v1/models`` lists it: OpenAI's shape (id, object, created, owned_by) and more."""
+
     id: str
     object: Literal["model"] = "model"
+    created: int = Field(0, description="When this server started offering it (Unix seconds).")
+    owned_by: str = "sdgate"
     backend: str
     ready: bool
     loaded: bool = Field(description="In memory now (a request for a model that is not loads it).")

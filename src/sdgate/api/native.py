@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -71,6 +72,7 @@ def _accepted(request: Request, resp: GenerationResponse) -> JSONResponse:
 
 
 _FILES = ("image", "mask")
+_STARTED = int(time.time())
 # Parsing a large JSON body takes milliseconds: off the event loop above this size.
 _LARGE_BODY = 256 * 1024
 
@@ -269,6 +271,7 @@ async def list_models(ctx: Ctx) -> ModelList:
         cards.append(
             ModelCard(
                 id=name,
+                created=_STARTED,
                 backend=ctx.backend.name,
                 ready=ready,
                 loaded=ctx.backend.is_loaded(name),

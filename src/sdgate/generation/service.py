@@ -108,10 +108,12 @@ class GenerationService:
         idempotency_key: str | None = None,
         body_hash: str | None = None,
         webhook_url: str | None = None,
+        user: str | None = None,
     ) -> Generation:
         """Run ``requests`` as one generation request of the caller.
 
         ``wait_s`` None answers at once (the jobs go on); otherwise wait up to that long for every job.
+        ``user`` is the end user the caller names (kept on the jobs).
         Raises a 4xx :class:`SdgateError` for what the request or the key's limits refuse; a job that
         fails is data on the job (see :meth:`Generation.raise_for_failure`).
         """
@@ -150,6 +152,7 @@ class GenerationService:
                 body_hash=body_hash,
                 webhook_url=webhook_url,
                 base_url=caller.base_url,
+                user=user,
             )[0]
             for p, i in zip(params, inputs, strict=True)
         ]

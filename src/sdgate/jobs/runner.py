@@ -197,6 +197,7 @@ class JobRunner:
         body_hash: str | None = None,
         webhook_url: str | None = None,
         base_url: str | None = None,
+        user: str | None = None,
     ) -> tuple[Job, bool]:
         """Record the job and have it run. Returns (job, created); an idempotent repeat returns the first job.
 
@@ -217,6 +218,7 @@ class JobRunner:
             model=params.model or self.backend.model_name,
             surface=surface,
             owner=owner,
+            user=user,
             idempotency_key=idempotency_key,
             request_hash=body_hash,
             webhook=WebhookState(url=webhook_url) if webhook_url else None,
@@ -302,6 +304,7 @@ class JobRunner:
             model=record.model,
             loras=list(record.params.loras),
             surface=record.surface,
+            user=record.user,
             created=int(record.created),
             images=[img.public() for img in record.images],
             timings=record.timings or Timings(),

@@ -19,6 +19,7 @@ class JobRecord(BaseModel):
     model: str
     surface: Surface | None = None  # None on records written before surfaces were recorded
     owner: str | None = None
+    user: str | None = None  # the end user a caller named (OpenAI's ``user``), for its own records
     idempotency_key: str | None = None
     request_hash: str | None = None
     started: float | None = None
