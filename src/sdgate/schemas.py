@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sdgate.formats import ImageFormat
 
-SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "pndm", "lms", "unipc")
+SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m", "dpmpp_2m_karras", "pndm", "lms", "unipc")
 MIN_SIDE, MAX_SIDE = 64, 2048
 MAX_SEED = 2**32 - 1
 MAX_LORAS = 8

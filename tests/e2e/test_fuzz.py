@@ -58,6 +58,18 @@ ROUTES = [
     ("GET", "/v1/loras"),
     ("POST", "/v1/images/generations"),
     ("POST", "/v1/images/edits"),
+    ("POST", "/sdapi/v1/txt2img"),
+    ("POST", "/sdapi/v1/img2img"),
+    ("GET", "/sdapi/v1/progress"),
+    ("POST", "/sdapi/v1/interrupt"),
+    ("POST", "/sdapi/v1/skip"),
+    ("GET", "/sdapi/v1/sd-models"),
+    ("GET", "/sdapi/v1/samplers"),
+    ("GET", "/sdapi/v1/schedulers"),
+    ("GET", "/sdapi/v1/loras"),
+    ("GET", "/sdapi/v1/scripts"),
+    ("GET", "/sdapi/v1/options"),
+    ("POST", "/sdapi/v1/options"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/images/{key}"),
@@ -109,9 +121,10 @@ def few_steps(body: Any) -> Any:
     """The fuzzer may ask for up to 150 steps: valid, but slow on a CPU. Out-of-range values are
     kept, so the validation of the field is still fuzzed."""
     if isinstance(body, dict):
-        steps = body.get("num_inference_steps")
-        if isinstance(steps, int) and not isinstance(steps, bool) and 2 < steps <= 150:
-            return {**body, "num_inference_steps": 2}
+        for name in ("num_inference_steps", "steps"):  # native, and the webui's
+            steps = body.get(name)
+            if isinstance(steps, int) and not isinstance(steps, bool) and 2 < steps <= 150:
+                body = {**body, name: 2}
     return body
 
 

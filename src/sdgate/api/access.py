@@ -3,12 +3,14 @@
 Open without a key: health (``/healthz``, ``/readyz``, ``/ping``), ``/metrics``, the docs, and
 image GETs (their URLs are unguessable). In SageMaker mode ``/invocations`` is open too: IAM
 guards the endpoint and SageMaker strips unknown headers. Everything that generates or reads
-jobs needs ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Charging a generation is
+jobs needs ``Authorization: Bearer <key>``, ``X-API-Key: <key>``, or HTTP Basic with the key as the
+password (as webui clients send it). Charging a generation is
 the generation service's step, not this one's: it happens once per generation, on every surface.
 """
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 from fastapi import Request
@@ -40,6 +42,13 @@ def _presented_key(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip() or None
+    if auth.lower().startswith("basic "):
+        # HTTP Basic, as webui clients send it (webuiapi's username/password): the key is the password.
+        try:
+            _user, _, password = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return "malformed"  # refused like any unknown key
+        return password or None
     return request.headers.get("x-api-key") or None
 
 

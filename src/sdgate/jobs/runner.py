@@ -280,6 +280,13 @@ class JobRunner:
             job.interrupt("the job's worker stopped before it finished")
         return job
 
+    def live_jobs(self, *, owner: str | None) -> list[Job]:
+        """The unfinished jobs in this process, oldest first: ``owner``'s, or everyone's when None."""
+        jobs = [j for j in self._live.values() if not j.status.is_terminal()]
+        if owner is not None:
+            jobs = [j for j in jobs if j.record.owner == owner]
+        return sorted(jobs, key=lambda j: j.record.created)
+
     def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[GenerationResponse]:
         records = self.store.list_jobs(owner=owner, limit=limit, before=before)
         return [self.view(self._job(r)) for r in records]
