@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from sdgate.imaging import read_metadata
+from tests.loras import build_lora
 from tests.server import ServerProcess, free_port
 
 Completed = subprocess.CompletedProcess[str]
@@ -283,3 +284,50 @@ def test_a_bad_image_file_is_refused_before_any_model_work(data_dir: Path) -> No
     assert_clean_error(proc, "image")
     assert proc.returncode == 1
     assert not (data_dir / "models").exists(), "the model was loaded (or built) for an image that was invalid"
+
+
+# -- LoRAs: --lora NAME[:WEIGHT] -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A data directory with the tiny model and ``ink``, a LoRA for it, in its default LoRA directory."""
+    data_dir = with_tiny(tmp_path_factory.mktemp("cli-lora") / "data", tiny_model_dir)
+    build_lora(tiny_model_dir, data_dir / "loras" / "ink.safetensors", seed=3)
+    return data_dir
+
+
+def test_generate_with_a_lora_in_process_changes_the_image_and_records_it(
+    lora_data_dir: Path, in_process: tuple[Completed, Path], tmp_path: Path
+) -> None:
+    plain_proc, plain = in_process  # the same command, without --lora
+    assert plain_proc.returncode == 0, plain_proc.stderr
+    inked, off = tmp_path / "ink.png", tmp_path / "off.png"
+    for out, lora in ((inked, "ink:0.8"), (off, "ink:0")):
+        proc = sdgate(lora_data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", lora)
+        assert proc.returncode == 0, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert re.search(rf"{out.name}\s+seed=1\b", proc.stdout), proc.stdout
+    # Weight 0 is the image without the LoRA: the comparison is like for like, and weight 0.8 changes it.
+    assert np.array_equal(pixels(off), pixels(plain))
+    assert not np.array_equal(pixels(inked), pixels(plain))
+    meta = read_metadata(inked.read_bytes())
+    assert meta is not None
+    assert (meta["model"], meta["seed"], meta["loras"]) == ("tiny", 1, [{"name": "ink", "weight": 0.8}])
+
+
+def test_generate_with_an_unknown_lora_is_a_clean_error_naming_it(lora_data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.png"
+    proc = sdgate(lora_data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", "nope:1", "--lora", "ink")
+    assert_clean_error(proc, "'nope'", "offered: ink")
+    assert proc.returncode == 1
+    assert not out.exists()
+
+
+def test_a_lora_weight_that_is_not_a_number_is_a_usage_error_before_any_model_work(data_dir: Path) -> None:
+    proc = sdgate(data_dir, "generate", "a red fox", "-o", str(data_dir / "o.png"), "--lora", "ink:heavy", timeout=60)
+    assert proc.returncode == 2  # click's usage error
+    assert "Traceback" not in proc.stderr
+    assert "--lora" in proc.stderr and "ink:heavy" in proc.stderr
+    assert not (data_dir / "o.png").exists()
+    assert not (data_dir / "models").exists()

@@ -91,7 +91,9 @@ class LoraLibrary:
             try:
                 value: Shapes | str = read_targets(lora.path)
             except Exception as e:  # diffusers raises ValueError, KeyError, OSError, ... for bad files
-                value = f"{type(e).__name__}: {e}"
+                # Without the server's paths: the message goes to clients.
+                text = str(e).replace(str(lora.path), lora.path.name).replace(str(self.directory), "")
+                value = f"{type(e).__name__}: {' '.join(text.split()).rstrip(' .')}"
                 log.warning("LoRA %s cannot be read: %s", lora.name, value)
             known = (lora.stamp, value)
             with self._lock:

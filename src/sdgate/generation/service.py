@@ -120,6 +120,12 @@ class GenerationService:
         # 1. resolve: a waiting request holds until the model is loaded, whose defaults it gets
         if wait_s is not None:
             await self.jobs.wait_ready(timeout=self.settings.backend_timeout_s)
+        if idempotency_key is not None:
+            # A retry of a request already charged and recorded gets its job, whatever changed since
+            # (a LoRA file removed, a model no longer offered).
+            earlier = self.jobs.find_idempotent(caller.owner, idempotency_key, body_hash)
+            if earlier is not None:
+                return await self._answer([earlier], wait_s)
         models = [self.model_of(r) for r in requests]
         loras = [await self.loras_of(r, m) for r, m in zip(requests, models, strict=True)]
         # Decoding an image takes milliseconds of CPU: off the event loop.
@@ -132,10 +138,6 @@ class GenerationService:
             for r, i, m, lo in zip(requests, inputs, models, loras, strict=True)
         ]
         self.jobs.check_webhook(webhook_url)
-        if idempotency_key is not None:
-            earlier = self.jobs.find_idempotent(caller.owner, idempotency_key, body_hash)
-            if earlier is not None:  # a retry of a request already charged and recorded
-                return await self._answer([earlier], wait_s)
         self.jobs.check_capacity(len(params))
         # 2. charge
         if self.guard is not None:
