@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         description="LoRA adapters: each *.safetensors file here is offered by its file stem (diffusers, PEFT "
         "or kohya format). Default: <data dir>/loras.",
     )
+    preview_every: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description="A live preview of a running job every this many steps, for whoever asks for one "
+        "(SSE ?previews=1, OpenAI partial_images, the webui's current_image); 0 turns previews off.",
+    )
     openai_strict_models: bool = Field(
         False,
         description="OpenAI Images API: refuse model names this server does not offer (default: they get the "

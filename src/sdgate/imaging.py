@@ -269,3 +269,10 @@ def repaint_overlay(generated: Image.Image, original: Image.Image, mask: Image.I
     """
     repaint = mask.point(lambda v: 255 if v >= 128 else 0)
     return Image.composite(generated, original.convert("RGB"), repaint)
+
+
+def preview_jpeg(image: Image.Image) -> bytes:
+    """A live preview as the small JPEG that events and progress answers carry."""
+    out = io.BytesIO()
+    image.convert("RGB").save(out, format="JPEG", quality=70)
+    return out.getvalue()

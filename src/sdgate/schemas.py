@@ -489,3 +489,12 @@ ProgressFn = Callable[[int, int], None]
 
 LOADING_STEP = -1
 """The step a backend reports while it loads the job's model."""
+
+
+@dataclass(frozen=True)
+class Previews:
+    """Where a job's live previews go, and whether anyone wants them now (asked at each preview step)."""
+
+    wanted: Callable[[], bool]
+    send: Callable[[int, Any], None]
+    """Called on the engine thread with the step and a small PIL image of what is being drawn."""

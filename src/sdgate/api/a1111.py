@@ -234,7 +234,11 @@ def to_request(request: Request, ctx: AppContext, body: Txt2ImgRequest, **inputs
 async def _generate(request: Request, ctx: AppContext, body: Txt2ImgRequest, native: GenerationRequest) -> Response:
     caller = caller_of(request)
     generation = await ctx.service.generate(
-        [native], surface=Surface.a1111, caller=caller, wait_s=ctx.settings.backend_timeout_s
+        [native],
+        surface=Surface.a1111,
+        caller=caller,
+        wait_s=ctx.settings.backend_timeout_s,
+        previews=True,  # webui clients poll progress for current_image
     )
     job = generation.job
     if body.force_task_id:
@@ -382,6 +386,7 @@ async def progress(
     ctx: Ctx,
     force_task_id: str | None = Query(None, max_length=200),
     id_task: str | None = Query(None, max_length=200),
+    skip_current_image: bool = False,
 ) -> dict[str, Any]:
     """The caller's job (the one named by ``force_task_id`` in txt2img, else its latest): progress 0..1."""
     caller = caller_of(request)
@@ -411,7 +416,7 @@ async def progress(
         "progress": round(step / total, 4),
         "eta_relative": round((view.progress.eta_ms or 0.0) / 1000, 3),
         "state": state,
-        "current_image": None,
+        "current_image": None if skip_current_image or job.preview is None else base64.b64encode(job.preview).decode(),
         "textinfo": "loading the model" if view.progress.loading else None,
         "current_task": job.id,
     }

@@ -241,14 +241,21 @@ async def cancel_job(job_id: str, request: Request, ctx: Ctx) -> GenerationRespo
     response_class=StreamingResponse,
     tags=["jobs"],
 )
-async def job_events(job_id: str, request: Request, ctx: Ctx) -> StreamingResponse:
+async def job_events(
+    job_id: str,
+    request: Request,
+    ctx: Ctx,
+    previews: Annotated[
+        bool, Query(description="Live previews: some progress events carry `preview`, a data: URL of a small JPEG.")
+    ] = False,
+) -> StreamingResponse:
     """Server-sent events: queued/started/progress/succeeded/failed/canceled, ending with the terminal one;
     ``loading`` when the job's model is loaded for it first."""
     owner = owner_of(request)
     ctx.jobs.find(job_id, owner)  # 404 before the stream starts
 
     async def stream() -> AsyncIterator[bytes]:
-        async for event in ctx.jobs.events(job_id, owner):
+        async for event in ctx.jobs.events(job_id, owner, previews=previews):
             for img in event.data.get("images", []):
                 img["url"] = absolute_url(request, img["url"])
             yield event.encode()

@@ -254,25 +254,41 @@ def _answer(request: Request, ctx: AppContext, body: ImageGenerationRequest, job
 
 
 async def _events(request: Request, ctx: AppContext, body: ImageGenerationRequest, job: Job) -> AsyncIterator[bytes]:
-    """``stream: true``: the finished images as ``image_generation.completed`` events (an error as ``error``)."""
-    async for event in ctx.jobs.events(job.id):
-        if not event.name:
-            yield b": keep-alive\n\n"
-    while not job.status.is_terminal():  # a job a worker elsewhere runs: followed in the store
-        if not await ctx.jobs.wait(job, 15):
-            yield b": keep-alive\n\n"
+    """``stream: true``: up to ``partial_images`` previews as ``…partial_image`` events, spread over the
+    steps, then the finished images as ``…completed`` events (an error as ``error``)."""
     kind = "image_edit" if request.url.path.endswith("/edits") else "image_generation"
-    if job.record.error is not None:
-        error = {"message": job.record.error.message, "type": "server_error", "code": job.record.error.type}
-        yield _sse("error", {"type": "error", "error": error})
-        return
-    common = {
-        "created_at": int(time.time()),
+    wanted = body.partial_images or 0
+    common: dict[str, Any] = {
         "size": f"{job.params.width}x{job.params.height}",
         "quality": _quality(body),
         "background": "opaque",
         "output_format": job.params.output_format,
     }
+    sent = 0
+    async for event in ctx.jobs.events(job.id, previews=wanted > 0):
+        if not event.name:
+            yield b": keep-alive\n\n"
+        preview = event.data.get("preview")
+        step = int(event.data.get("progress", {}).get("step", 0))
+        if preview and sent < wanted and step * (wanted + 1) >= (sent + 1) * job.params.steps_to_run:
+            partial = {
+                "type": f"{kind}.partial_image",
+                "b64_json": preview.split(",", 1)[1],
+                "partial_image_index": sent,
+                "created_at": int(time.time()),
+                **common,
+                "output_format": "jpeg",  # previews are small JPEGs, whatever the final format
+            }
+            yield _sse(f"{kind}.partial_image", partial)
+            sent += 1
+    while not job.status.is_terminal():  # a job a worker elsewhere runs: followed in the store
+        if not await ctx.jobs.wait(job, 15):
+            yield b": keep-alive\n\n"
+    if job.record.error is not None:
+        error = {"message": job.record.error.message, "type": "server_error", "code": job.record.error.type}
+        yield _sse("error", {"type": "error", "error": error})
+        return
+    common["created_at"] = int(time.time())
     for data in _image_bytes(ctx, job):
         done = {"type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode("ascii"), **common}
         yield _sse(f"{kind}.completed", done)

@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sdgate.config import Settings
-from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
+from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, Previews, ProgressFn
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -70,10 +70,12 @@ class Backend(Protocol):
         cancel: threading.Event | None = None,
         *,
         inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
     ) -> GenerationResult:
         """Generate ``params.num_images`` images, one per seed; raise an :class:`SdgateError` on failure.
 
-        ``inputs`` are the decoded images ``params`` refer to (image-to-image and inpainting).
+        ``inputs`` are the decoded images ``params`` refer to (image-to-image and inpainting);
+        ``previews``, where live previews go (backends that cannot make them ignore it).
         """
         ...
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.engine.runner import Engine
-from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
+from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, Previews, ProgressFn
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -60,9 +60,10 @@ class LocalBackend:
         cancel: threading.Event | None = None,
         *,
         inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
     ) -> GenerationResult:
         cancel = cancel or threading.Event()
-        future = self.engine.submit(params, progress, cancel, inputs=inputs)
+        future = self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:

@@ -25,7 +25,15 @@ from typing import TYPE_CHECKING, Any
 from sdgate.config import Settings
 from sdgate.errors import BackendError, Busy, Canceled, NotReady, SdgateError
 from sdgate.jumpstart import JPEG_ACCEPT, JSON, ResponseError, parse_images, request_payload
-from sdgate.schemas import GeneratedImage, GenerationParams, GenerationResult, LoraInfo, ModelDefaults, ProgressFn
+from sdgate.schemas import (
+    GeneratedImage,
+    GenerationParams,
+    GenerationResult,
+    LoraInfo,
+    ModelDefaults,
+    Previews,
+    ProgressFn,
+)
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
@@ -104,6 +112,7 @@ class RemoteBackend:
         cancel: threading.Event | None = None,
         *,
         inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
     ) -> GenerationResult:
         """One call per image, all at once; the first failure cancels the rest. Input images go along
         in the JumpStart inpainting payload's fields (``image``, ``mask_image``)."""

@@ -35,6 +35,7 @@ class Resident:
     shapes: dict[str, tuple[int, int]] = field(default_factory=dict)
     """Its layers' sizes, read before any adapter wrapped them (what LoRAs are checked against)."""
     adapters: Any = None  # sdgate.engine.loras.Adapters: the LoRAs loaded into it
+    previewer: Any = None  # sdgate.engine.previews.LatentPreviewer, fitted when a preview is first wanted
 
     @property
     def defaults(self) -> ModelDefaults:

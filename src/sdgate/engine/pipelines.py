@@ -24,8 +24,8 @@ from PIL import Image
 from sdgate.imaging import repaint_overlay
 from sdgate.schemas import Mode
 
-StepFn = Callable[[int], None]
-"""Called with the number of steps done, after each step."""
+StepFn = Callable[[int, Any], None]
+"""Called with the number of steps done and the latents (a tensor, or None), after each step."""
 
 
 def inpainting_unet(pipe: Any) -> bool:
@@ -80,7 +80,7 @@ class Pipelines:
         if on_step is not None:
 
             def callback(_pipe: Any, i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-                on_step(i + 1)
+                on_step(i + 1, tensors.get("latents"))
                 return tensors
 
             kwargs["callback_on_step_end"] = callback

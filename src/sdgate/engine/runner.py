@@ -10,6 +10,7 @@ image is the same batched or alone.
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import threading
 import time
@@ -31,6 +32,7 @@ from sdgate.schemas import (
     LoraInfo,
     Mode,
     ModelDefaults,
+    Previews,
     ProgressFn,
 )
 
@@ -47,6 +49,7 @@ class EngineTask:
     progress: ProgressFn | None
     cancel: threading.Event
     inputs: ImageInputs | None = None
+    previews: Previews | None = None
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -140,12 +143,14 @@ class Engine:
         cancel: threading.Event | None = None,
         *,
         inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
     ) -> Future[GenerationResult]:
         """Queue a generation; the future resolves with the images or the error. Thread-safe.
 
-        ``inputs`` are the decoded images of an image-to-image or inpainting request.
+        ``inputs`` are the decoded images of an image-to-image or inpainting request; ``previews``
+        receives a preview of its first image every ``SDGATE_PREVIEW_EVERY`` steps, while wanted.
         """
-        task = EngineTask(params, Future(), progress, cancel or threading.Event(), inputs)
+        task = EngineTask(params, Future(), progress, cancel or threading.Event(), inputs, previews)
         if params.mode is not Mode.txt2img and (inputs is None or (params.mode is Mode.inpaint) != bool(inputs.mask)):
             task.future.set_exception(GenerationFailed(f"a {params.mode.value} generation came without its inputs"))
             return task.future
@@ -452,7 +457,10 @@ class Engine:
             return
         tell(0)  # step 0: the task has started
 
-        def on_step(step: int) -> None:
+        every = self.settings.preview_every
+        first_rows = list(itertools.accumulate((t.params.num_images for t in live), initial=0))
+
+        def on_step(step: int, latents: Any) -> None:
             # Cancel is per task: a canceled task is answered now, its rows finish unused,
             # the others in the batch go on. Only when all are canceled does the call stop.
             for t in live:
@@ -465,6 +473,8 @@ class Engine:
                         log.warning("progress callback failed", exc_info=True)
             if all(t.future.done() for t in live):
                 raise _StopBatch
+            if every and latents is not None and step % every == 0 and step < steps_to_run:
+                self._send_previews(resident, live, first_rows, step, latents)
 
         try:
             made = self._call(
@@ -538,6 +548,26 @@ class Engine:
             if resident.adapters is not None:
                 resident.adapters.deactivate()
 
+    def _send_previews(
+        self, resident: Resident, live: list[EngineTask], first_rows: list[int], step: int, latents: Any
+    ) -> None:
+        """A preview of each wanting task's first image, from the batch's latents (a fraction of a step)."""
+        for t, row in zip(live, first_rows, strict=False):
+            if t.previews is None or t.future.done():
+                continue
+            try:
+                if not t.previews.wanted():
+                    continue
+                if resident.previewer is None:  # fitted on first use: a server nobody asks pays nothing
+                    from sdgate.engine.previews import LatentPreviewer
+
+                    resident.previewer = LatentPreviewer(resident.loaded.pipeline)
+                if latents.shape[1] != resident.previewer.channels:
+                    continue
+                t.previews.send(step, resident.previewer.picture(latents[row], (t.params.width, t.params.height)))
+            except Exception:  # a preview is a nicety: never the reason a generation fails
+                log.warning("preview failed", exc_info=True)
+
     def _fail(self, live: list[EngineTask], err: Exception) -> None:
         with self._stats_lock:
             self.stats.failures += len(live)
@@ -556,7 +586,7 @@ class Engine:
         steps: int,
         guidance: float,
         scheduler: str | None,
-        on_step: Callable[[int], None] | None,
+        on_step: Callable[[int, Any], None] | None,
         mode: Mode = Mode.txt2img,
         strength: float | None = None,
         images: list[Any] | None = None,

@@ -109,11 +109,13 @@ class GenerationService:
         body_hash: str | None = None,
         webhook_url: str | None = None,
         user: str | None = None,
+        previews: bool = False,
     ) -> Generation:
         """Run ``requests`` as one generation request of the caller.
 
         ``wait_s`` None answers at once (the jobs go on); otherwise wait up to that long for every job.
-        ``user`` is the end user the caller names (kept on the jobs).
+        ``user`` is the end user the caller names (kept on the jobs); ``previews`` makes live previews for
+        the jobs whoever listens (a surface that is polled for them).
         Raises a 4xx :class:`SdgateError` for what the request or the key's limits refuse; a job that
         fails is data on the job (see :meth:`Generation.raise_for_failure`).
         """
@@ -155,6 +157,7 @@ class GenerationService:
                 webhook_url=webhook_url,
                 base_url=caller.base_url,
                 user=user,
+                previews=previews,
             )[0]
             for p, i in zip(params, inputs, strict=True)
         ]

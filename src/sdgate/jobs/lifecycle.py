@@ -78,6 +78,13 @@ class Job:
     """Its model is being loaded (the backend said so; until its first step)."""
     inputs: ImageInputs | None = None
     """The decoded input images while the job that received them is in memory (else read from storage)."""
+    preview: bytes | None = None
+    """The latest live preview (a small JPEG) while it runs."""
+    preview_step: int = 0
+    wants_previews: bool = False
+    """Previews are made for it whoever listens (its surface shows them: the webui's current_image)."""
+    preview_listeners: int = 0
+    """Subscribers that asked for previews (``?previews=1``, OpenAI's partial_images)."""
 
     def __post_init__(self) -> None:
         self.step = self.record.step
@@ -134,6 +141,16 @@ class Job:
         if step > 0:
             self.publish("progress")
 
+    def set_preview(self, step: int, data: bytes) -> None:
+        """A new live preview: kept for whoever polls, and a ``preview`` event to subscribers."""
+        if self.record.status.is_terminal():
+            return
+        self.preview, self.preview_step = data, step
+        self.publish("preview")
+
+    def previews_wanted(self) -> bool:
+        return self.wants_previews or self.preview_listeners > 0
+
     def succeed(self, outputs: list[Output], timings: Timings) -> None:
         """Its images are stored: the job has succeeded."""
         if self.record.status.is_terminal():
@@ -172,6 +189,7 @@ class Job:
         total_ms = round((record.finished - record.created) * 1000, 2)
         record.timings = (record.timings or Timings()).model_copy(update={"total": total_ms})
         self.inputs = None  # the input images are in storage; their pixels are not needed any more
+        self.preview = None
         self._save()
         self.lifecycle.metrics.job_finished(
             status.value, record.timings, len(record.images), error.type if error else None

@@ -13,6 +13,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -34,7 +35,7 @@ from sdgate.errors import (
     SdgateError,
     new_error_id,
 )
-from sdgate.imaging import ImageInputs
+from sdgate.imaging import ImageInputs, preview_jpeg
 from sdgate.jobs.dispatch import Dispatcher, InProcess
 from sdgate.jobs.events import TERMINAL_EVENTS, Event
 from sdgate.jobs.inputs import delete_inputs, load_inputs, store_inputs
@@ -50,6 +51,7 @@ from sdgate.schemas import (
     GenerationParams,
     GenerationResponse,
     JobStatus,
+    Previews,
     Progress,
     Surface,
     Timings,
@@ -198,6 +200,7 @@ class JobRunner:
         webhook_url: str | None = None,
         base_url: str | None = None,
         user: str | None = None,
+        previews: bool = False,
     ) -> tuple[Job, bool]:
         """Record the job and have it run. Returns (job, created); an idempotent repeat returns the first job.
 
@@ -230,6 +233,7 @@ class JobRunner:
             return self._idempotent(stored, body_hash), False
         job = self.adopt(record, local=self.dispatcher.in_process)
         job.inputs = inputs
+        job.wants_previews = previews
         try:
             self.dispatcher.run(job.id, lambda: self.schedule(job))
         except Exception as e:
@@ -363,14 +367,19 @@ class JobRunner:
                 job.adopt(fresh)
         return True
 
-    async def events(self, job_id: str, owner: str | None = None) -> AsyncIterator[Event]:
-        """The job's events from now on, starting with its current state, ending with the terminal one."""
+    async def events(self, job_id: str, owner: str | None = None, *, previews: bool = False) -> AsyncIterator[Event]:
+        """The job's events from now on, starting with its current state, ending with the terminal one.
+
+        ``previews``: live previews come as ``progress`` events with ``preview``, a ``data:`` URL of a JPEG
+        (without it they are not sent, and not made for this subscriber).
+        """
         job = self.find(job_id, owner)
         if not job.local or job.status.is_terminal():
             yield Event(job.status.value, self.view(job).model_dump(mode="json"))
             return
         queue: asyncio.Queue[Event] = asyncio.Queue()
         job.subscribers.add(queue)
+        job.preview_listeners += previews
         try:
             first = "queued" if job.status == JobStatus.queued else "loading" if job.loading else "started"
             yield Event(first, self.view(job).model_dump(mode="json"))
@@ -380,11 +389,17 @@ class JobRunner:
                 except TimeoutError:
                     yield Event("", {})  # keep-alive comment
                     continue
+                if event.name == "preview":
+                    if previews and job.preview is not None:
+                        url = "data:image/jpeg;base64," + base64.b64encode(job.preview).decode("ascii")
+                        yield Event("progress", {**event.data, "preview": url})
+                    continue
                 yield event
                 if event.name in TERMINAL_EVENTS:
                     return
         finally:
             job.subscribers.discard(queue)
+            job.preview_listeners -= previews
 
     async def wait_ready(self, timeout: float) -> None:
         """Hold a request that arrives while the model is still loading, rather than refusing it."""
@@ -424,6 +439,17 @@ class JobRunner:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(job.advance, step, total)
 
+    def _previews(self, job: Job) -> Previews | None:
+        if not self.settings.preview_every:
+            return None
+
+        def send(step: int, image: Any) -> None:  # on the engine thread: encoded there, kept on the loop
+            data = preview_jpeg(image)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(job.set_preview, step, data)
+
+        return Previews(wanted=job.previews_wanted, send=send)
+
     async def _execute(self, job: Job, *, claimed: bool = False) -> None:
         self._loop = asyncio.get_running_loop()
         try:
@@ -441,7 +467,11 @@ class JobRunner:
                 if inputs is None and job.params.image_key is not None:  # recovered, or run by a worker
                     inputs = await asyncio.to_thread(load_inputs, self.storage, job.params, self.settings.max_pixels)
                 result = await self.backend.generate(
-                    job.params, lambda s, t: self._progress(job, s, t), job.cancel_requested, inputs=inputs
+                    job.params,
+                    lambda s, t: self._progress(job, s, t),
+                    job.cancel_requested,
+                    inputs=inputs,
+                    previews=self._previews(job),
                 )
             if job.status.is_terminal():  # canceled while it finished
                 return
