@@ -25,6 +25,7 @@ from sdgate.schemas import (
     JobStatus,
     LoraInfo,
     ModelDefaults,
+    Previews,
     ProgressFn,
 )
 from sdgate.storage import StoredObject, is_valid_key
@@ -110,6 +111,7 @@ class FakeBackend:
         cancel: threading.Event | None = None,
         *,
         inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
     ) -> GenerationResult:
         self.ran.append(params)
         self.inputs.append(inputs)
