@@ -86,6 +86,10 @@ class OpenAIRoute(DialectRoute):
                 "code": error.get("type"),
             }
         }
+        retry_after = headers.get("Retry-After", "0")
+        if status == 429 and retry_after.isdigit() and int(retry_after) > 60:
+            # A daily quota: retrying within the SDK's backoff cannot succeed, and would be charged again later.
+            headers = {**headers, "x-should-retry": "false"}
         return JSONResponse(out, status_code=status, headers=headers)
 
 
