@@ -118,6 +118,13 @@ class Settings(BaseSettings):
         description="LoRA adapters: each *.safetensors file here is offered by its file stem (diffusers, PEFT "
         "or kohya format). Default: <data dir>/loras.",
     )
+    max_loaded_loras: int = Field(
+        8,
+        ge=1,
+        le=1024,
+        description="Most LoRA adapters kept loaded in each model (least recently used is unloaded): every one "
+        "loaded slows each call on its model a little, with LoRAs or without.",
+    )
     preview_every: int = Field(
         5,
         ge=0,

@@ -254,15 +254,9 @@ async def _generate(request: Request, ctx: AppContext, body: Txt2ImgRequest, nat
         images: list[str] = []
     else:
         generation.raise_for_failure()
-        images = [base64.b64encode(d).decode("ascii") for d in _image_bytes(ctx, job)]
+        images = [base64.b64encode(d).decode("ascii") for d in ctx.jobs.image_bytes(job)]
     parameters = body.model_dump(mode="json")
     return JSONResponse({"images": images, "parameters": parameters, "info": json.dumps(_info(ctx, job))})
-
-
-def _image_bytes(ctx: AppContext, job: Job) -> list[bytes]:
-    if len(job.outputs) == len(job.record.images):
-        return [o.data for o in job.outputs]
-    return [ctx.storage.get(img.key) for img in job.record.images]
 
 
 def _info(ctx: AppContext, job: Job) -> dict[str, Any]:

@@ -233,18 +233,12 @@ def _quality(body: ImageGenerationRequest) -> str:
     return {"standard": "medium", "hd": "high", None: "auto"}.get(body.quality, body.quality or "auto")
 
 
-def _image_bytes(ctx: AppContext, job: Job) -> list[bytes]:
-    if len(job.outputs) == len(job.record.images):
-        return [o.data for o in job.outputs]
-    return [ctx.storage.get(img.key) for img in job.record.images]  # run by a worker elsewhere
-
-
 def _answer(request: Request, ctx: AppContext, body: ImageGenerationRequest, job: Job) -> ImagesResponse:
     images = job.record.images
     if body.response_format == "b64_json":
         data = [
             OpenAIImage(b64_json=base64.b64encode(b).decode("ascii"), revised_prompt=job.params.prompt)
-            for b in _image_bytes(ctx, job)
+            for b in ctx.jobs.image_bytes(job)
         ]
     else:
         data = [OpenAIImage(url=absolute_url(request, i.url), revised_prompt=job.params.prompt) for i in images]
@@ -293,7 +287,7 @@ async def _events(request: Request, ctx: AppContext, body: ImageGenerationReques
         yield _sse("error", {"type": "error", "error": error})
         return
     common["created_at"] = int(time.time())
-    for data in _image_bytes(ctx, job):
+    for data in ctx.jobs.image_bytes(job):
         done = {"type": f"{kind}.completed", "b64_json": base64.b64encode(data).decode("ascii"), **common}
         yield _sse(f"{kind}.completed", done)
 

@@ -251,7 +251,14 @@ class Engine:
         shapes = pipeline_shapes(pipe)
         with self._skeleton_lock:  # known from now on, loaded or not
             self._skeletons[entry.name] = shapes
-        return Resident(entry, loaded, Pipelines(pipe), SchedulerCache(pipe), shapes=shapes, adapters=Adapters(pipe))
+        return Resident(
+            entry,
+            loaded,
+            Pipelines(pipe),
+            SchedulerCache(pipe),
+            shapes=shapes,
+            adapters=Adapters(pipe, self.settings.max_loaded_loras),
+        )
 
     def _peek(self, entry: ModelEntry) -> ModelDefaults:
         from sdgate.engine.loader import peek_defaults

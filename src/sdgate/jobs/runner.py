@@ -295,6 +295,12 @@ class JobRunner:
         records = self.store.list_jobs(owner=owner, limit=limit, before=before)
         return [self.view(self._job(r)) for r in records]
 
+    def image_bytes(self, job: Job) -> list[bytes]:
+        """A finished job's stored image files: from memory when it ran here, else read from storage."""
+        if len(job.outputs) == len(job.record.images):
+            return [o.data for o in job.outputs]
+        return [self.storage.get(img.key) for img in job.record.images]  # run by a worker elsewhere
+
     def view(self, job: Job) -> GenerationResponse:
         """The public form of a job: record fields, plus live progress and queue position."""
         record = job.record

@@ -321,3 +321,21 @@ def test_batches_group_by_the_lora_set_whatever_its_order() -> None:
         params(seed=8, loras=(LoraWeight("b", 1.0),)).batch_key(),
     ]
     assert len({plain, both, *others}) == 6  # a LoRA, a weight or a set more or less: another batch
+
+
+def test_at_most_max_loaded_adapters_stay_the_least_recently_used_goes_first(tmp_path: Path) -> None:
+    a, b, c = (lora(tmp_path, n) for n in "abc")
+    pipe = Pipe()
+    adapters = Adapters(pipe, max_loaded=2)
+    for used in (a, b, a):  # a is now the more recently used
+        adapters.activate([(used, 1.0)])
+        adapters.deactivate()
+    pipe.calls.clear()
+    adapters.activate([(c, 1.0)])
+    assert pipe.calls[:2] == [("delete", b.adapter), ("load", "c", c.adapter)]
+    assert adapters.loaded == {a.adapter, c.adapter}
+    pipe.calls.clear()
+    adapters.activate([(a, 1.0), (b, 1.0), (c, 1.0)])  # more than the bound in one request: all of it runs
+    assert ("load", "b", b.adapter) in pipe.calls
+    assert not any(call[0] == "delete" for call in pipe.calls)
+    assert pipe.calls[-1] == ("set", [a.adapter, b.adapter, c.adapter], [1.0, 1.0, 1.0])
