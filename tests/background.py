@@ -54,6 +54,7 @@ def get(name: str, make: Callable[[], Any]) -> Any:
     future = _started.get(name)
     if future is None or future.cancel():
         done: Future[Any] = Future()
+        done.set_running_or_notify_cancel()  # running: another thread's get() waits for it, never cancels it
         _started[name] = done
         try:
             done.set_result(make())

@@ -61,7 +61,6 @@ _PARAMS = {
     "height": "size",
     "num_images": "n",
     "num_inference_steps": "quality",
-    "quality": "output_compression",
     "image": "image",
     "mask": "mask",
 }
