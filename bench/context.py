@@ -37,6 +37,10 @@ class Budget:
     payload_calls: int = 1
     memory_marks: tuple[int, ...] = (100, 1000)
     fresh_memory_server: bool = True
+    switch_pairs: int = 8
+    """Model switches per server per round of the switching scenario, each followed by a repeat."""
+    lora_calls: int = 8
+    """Cycles of LoRA requests (one of each kind) per round of the switching scenario."""
 
 
 FULL = Budget()
@@ -52,7 +56,13 @@ SMOKE = Budget(
     payload_calls=1,
     memory_marks=(4, 12),
     fresh_memory_server=False,
+    switch_pairs=1,
+    lora_calls=1,
 )
+
+
+SWITCH_SERVERS = {"sdgate-models-1": 1, "sdgate-models-2": 2}
+"""The switching scenario's servers (both models, the LoRAs) by their SDGATE_MAX_LOADED_MODELS."""
 
 
 @dataclass
@@ -69,6 +79,7 @@ class Context:
     verbose: bool = True
     _by_name: dict[str, servers.Server] = field(default_factory=dict)
     _bare: BarePipeline | None = None
+    _switch_assets: servers.SwitchAssets | None = None
 
     @property
     def bare(self) -> BarePipeline:
@@ -77,9 +88,19 @@ class Context:
             self._bare = BarePipeline(self.models_dir)
         return self._bare
 
+    @property
+    def switch_assets(self) -> servers.SwitchAssets:
+        """The second model and the LoRA files of the switching scenario, built on first use."""
+        if self._switch_assets is None:
+            self._switch_assets = servers.switch_assets(self.model_dir, self.models_dir.parent)
+        return self._switch_assets
+
     def launch(self, names: set[str], wait: bool = True) -> None:
-        """Start the named servers at once (their models load in parallel); wait until all are ready."""
-        for name in sorted(names - set(self._by_name)):
+        """Start the named servers at once (their models load in parallel); wait until all are ready.
+
+        The switching servers start last: the files they offer are built while the others load.
+        """
+        for name in sorted(names - set(self._by_name), key=lambda n: (n in SWITCH_SERVERS, n)):
             if name == "plain":
                 server = servers.plain(self.model_dir, self.log_dir)
             elif name == "litserve":
@@ -87,6 +108,13 @@ class Context:
             else:
                 batch = 1 if name == "sdgate-nobatch" else 8
                 extra = {"SDGATE_TORCH_THREADS": str(self.torch_threads)}  # the peers' and the baseline's
+                if name in SWITCH_SERVERS:
+                    assets = self.switch_assets
+                    extra |= {
+                        "SDGATE_MODELS": assets.models_env,
+                        "SDGATE_MAX_LOADED_MODELS": str(SWITCH_SERVERS[name]),
+                        "SDGATE_LORA_DIR": str(assets.lora_dir),
+                    }
                 server = servers.sdgate(self.models_dir, self.log_dir, max_batch_size=batch, name=name, extra=extra)
             self._by_name[name] = self.fleet.add(server)
         if wait:

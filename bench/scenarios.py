@@ -1,26 +1,31 @@
-"""The five scenarios of the suite. Each returns its tables and the goals of the issue it checks.
+"""The six scenarios of the suite. Each returns its tables and the goals of the issue it checks.
 
 1. overhead: sdgate end to end against the same pipeline call in process, one request at a time.
 2. concurrency: images/s and latency with 1, 4, 8, 16 clients, batching on and off.
 3. payload: bytes and CPU of JumpStart's RGB lists, base64 JPEG, and sdgate's URL answer.
 4. peers: sdgate, the plain FastAPI pattern, LitServe, and the bare batched pipeline, same load.
 5. memory: sdgate's RSS after 100 and after 1000 requests.
+6. switching: what a request costs when its model, or its LoRA, is not the last request's.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
+import shutil
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from bench import servers
 from bench.context import (
+    SWITCH_SERVERS,
     Arm,
     Budget,
     Context,
@@ -30,7 +35,7 @@ from bench.context import (
     load_arm,
     sequential_arm,
 )
-from bench.load import Latencies, LoadResult, requests_total, sequential
+from bench.load import Latencies, LoadError, LoadResult, requests_total, sequential
 from bench.outcome import Goal, Outcome, Table, mean, ms, ratio
 from bench.pipeline import Shape
 
@@ -457,12 +462,294 @@ def memory(ctx: Context) -> Outcome:
     return Outcome([table], [goal])
 
 
+# -- 6. switching --------------------------------------------------------------------------------
+
+_LORA_WEIGHT = 0.8
+_SWITCH_TARGETS = (1.10, 1.10)
+"""p50 ratios: the other resident model / the same model again; the other loaded LoRA / the same LoRA again."""
+
+
+@dataclass
+class _Series:
+    """Requests of one kind: the client's latency, and the engine's time (sdgate's ``inference`` timing)."""
+
+    latencies: Latencies = field(default_factory=Latencies)
+    engine_ms: list[float] = field(default_factory=list)
+
+    @property
+    def p50(self) -> float:
+        return self.latencies.p50
+
+    @property
+    def engine_p50_ms(self) -> float:
+        return statistics.median(self.engine_ms) if self.engine_ms else float("nan")
+
+    def paired(self, steady: _Series) -> float:
+        """The median over cycles of this request's latency / the steady request's of the same cycle.
+
+        The i-th request of each series was made in the same cycle, a second or so apart: a burst of other
+        work on the machine slows both, where it would move a ratio of the two medians.
+        """
+        mine, theirs = self.latencies.values, steady.latencies.values
+        assert len(mine) == len(theirs), "one request of each kind per cycle"
+        return statistics.median(m / t for m, t in zip(mine, theirs, strict=True))
+
+    def cells(self, steady: _Series) -> list[str]:
+        """Requests, p50 ms, engine p50 ms, the paired ratio to ``steady``."""
+        return [str(len(self.engine_ms)), ms(self.p50), f"{self.engine_p50_ms:.1f}", ratio(self.paired(steady))]
+
+
+class _Asker:
+    """One client's sync requests to one sdgate server, each with its own seed; checks what each answer ran."""
+
+    def __init__(self, client: httpx.Client, server: servers.Server, shape: Shape):
+        self.client, self.server, self.shape = client, server, shape
+        self.sent = 0
+
+    def __call__(self, model: str, lora: str | None = None, into: _Series | None = None) -> float:
+        """Seconds for one request for ``model``, with ``lora`` (weight 0.8) or none."""
+        body = self.shape.body(self.sent) | {"model": model}
+        if lora is not None:
+            body["loras"] = [{"name": lora, "weight": _LORA_WEIGHT}]
+        self.sent += 1
+        t0 = time.perf_counter()
+        resp = self.client.post(self.server.generate_url, json=body)
+        seconds = time.perf_counter() - t0
+        if resp.status_code != 200:
+            raise LoadError(f"POST {self.server.generate_url} answered {resp.status_code}: {resp.text[:500]}")
+        answer = resp.json()
+        ran = (answer["model"], [lo["name"] for lo in answer["loras"]])
+        if ran != (model, [lora] if lora else []):
+            raise LoadError(f"asked for model {model} with LoRA {lora}; the answer ran {ran}")
+        if into is not None:
+            into.latencies.values.append(seconds)
+            into.engine_ms.append(answer["timings"]["inference"])
+        return seconds
+
+
+def _counter(server: servers.Server, name: str) -> float:
+    """One of sdgate's counters from its /metrics (0 if absent)."""
+    found = re.search(rf"^sdgate_{name}_total (\S+)$", httpx.get(server.url + "/metrics", timeout=10).text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+@dataclass
+class _Switches:
+    """One server's model switches: requests for the same model as the last one, and for the other."""
+
+    same: _Series = field(default_factory=_Series)
+    other: _Series = field(default_factory=_Series)
+    loads: float = 0.0
+    """Models loaded (and unloaded) while measuring, from its /metrics."""
+    unloads: float = 0.0
+
+
+def switching(ctx: Context) -> Outcome:
+    """A model switch (one model in memory, and both) and a LoRA switch, each against a steady request."""
+    shape = Shape(64, 64)
+    ctx.launch(set(SWITCH_SERVERS))
+    with httpx.Client(timeout=300) as client:
+        ask = {name: _Asker(client, ctx.server(name), shape) for name in SWITCH_SERVERS}
+        models = _model_switches(ctx, ask)
+        loras = _lora_switches(ctx, ask[_LORA_SERVER])
+    outcome = Outcome([_model_table(models, shape, ctx.switch_assets.other_model), _lora_table(loras, shape)])
+    resident = models["sdgate-models-2"]
+    value, target = resident.other.paired(resident.same), _SWITCH_TARGETS[0]
+    outcome.goals.append(
+        Goal(
+            f"Switching between two resident models, {shape.label} (the other model / the same again)",
+            f"≤ {target:.2f}",
+            ratio(value, target),
+            value <= target,
+            f"With both models in memory ({resident.loads:.0f} loads while measuring) a request for the other model "
+            f"took {ms(resident.other.p50)} ms against {ms(resident.same.p50)} ms for the same model again; in the "
+            f"engine {resident.other.engine_p50_ms:.1f} ms against {resident.same.engine_p50_ms:.1f} ms.",
+        )
+    )
+    same, alternate = loras.series["same"], loras.series["alternate"]
+    value, target = alternate.paired(same), _SWITCH_TARGETS[1]
+    outcome.goals.append(
+        Goal(
+            f"Switching between two loaded LoRAs, {shape.label} (the other LoRA / the same again)",
+            f"≤ {target:.2f}",
+            ratio(value, target),
+            value <= target,
+            f"A request with the other of two loaded LoRAs took {ms(alternate.p50)} ms against {ms(same.p50)} ms "
+            f"with the same LoRA again; in the engine {alternate.engine_p50_ms:.1f} ms against "
+            f"{same.engine_p50_ms:.1f} ms. Every LoRA request turns its set on (set_adapters) and every call turns "
+            "the LoRAs off after itself, whether the next request keeps them or not.",
+        )
+    )
+    return outcome
+
+
+def _model_switches(ctx: Context, ask: dict[str, _Asker]) -> dict[str, _Switches]:
+    """Per server, pairs of requests: one for the other model than the last request's, then one repeating it."""
+    a, b = servers.SWITCH_MODELS
+    got = {name: _Switches() for name in SWITCH_SERVERS}
+    for name in SWITCH_SERVERS:
+        ctx.focus(name)
+        ask[name](b)  # the first request for b (a was loaded and warmed up at start)
+        ask[name](a)
+        got[name].loads = -_counter(ask[name].server, "model_loads")
+        got[name].unloads = -_counter(ask[name].server, "model_unloads")
+    last = dict.fromkeys(SWITCH_SERVERS, a)
+    names = list(SWITCH_SERVERS)
+    for r in range(ctx.budget.rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            ctx.focus(name)
+            for _ in range(ctx.budget.switch_pairs):
+                model = b if last[name] == a else a
+                ask[name](model, into=got[name].other)
+                ask[name](model, into=got[name].same)
+                last[name] = model
+            ctx.say(
+                f"  switching models · {name} · round {r + 1}: other model p50 {ms(got[name].other.p50)} ms, "
+                f"same model p50 {ms(got[name].same.p50)} ms"
+            )
+    for name in SWITCH_SERVERS:
+        ctx.focus(name)  # a paused server does not answer /metrics
+        got[name].loads += _counter(ask[name].server, "model_loads")
+        got[name].unloads += _counter(ask[name].server, "model_unloads")
+    ctx.focus(None)
+    return got
+
+
+_LORA_SERVER = "sdgate-models-2"
+
+
+_LORA_ROWS = {
+    # kind: (phase, what the row says)
+    "none": (1, "no LoRA (steady)"),
+    "same": (1, "the same LoRA as the last request"),
+    "alternate": (1, "the other of two loaded LoRAs (alternating)"),
+    "none-first": (2, "no LoRA (steady)"),
+    "first": (2, "a LoRA not loaded yet (its first request)"),
+    "none-many": (3, "no LoRA (steady)"),
+    "same-many": (3, "the same LoRA as the last request"),
+}
+
+
+@dataclass
+class _LoraRuns:
+    """The LoRA requests' series by kind, in three phases of cycles (see :func:`_lora_switches`)."""
+
+    series: dict[str, _Series] = field(default_factory=lambda: {k: _Series() for k in _LORA_ROWS})
+    firsts: list[float] = field(default_factory=list)
+    """Seconds of the server's first two LoRA requests ever."""
+    loaded: int = 0
+    """LoRAs loaded into the model at the end."""
+
+
+def _lora_switches(ctx: Context, ask: _Asker) -> _LoraRuns:
+    """Cycles of requests for model ``a``, each cycle one request of each kind of its phase.
+
+    A change in the machine's load hits every kind of a phase alike; each phase has its own steady
+    (no LoRA) requests. 1: with the two LoRAs L and M loaded: no LoRA; L (unmeasured); L again (the
+    same LoRA); M (the other loaded one); L and M swap every cycle. 2: no LoRA; a file no request has
+    named yet (loaded now). 3: the same as 1 without M, with phase 2's LoRAs loaded too. Phase 2 comes
+    after 1 because a loaded LoRA stays loaded, and the number loaded changes what a request costs.
+    """
+    assets = ctx.switch_assets
+    a = servers.SWITCH_MODELS[0]
+    x, y = servers.SWITCH_LORAS
+    cycles = ctx.budget.rounds * ctx.budget.lora_calls
+    # LoRAs no request has named yet: copies of x under names of their own (an adapter is loaded per name)
+    fresh = [f"first-{k}" for k in range(cycles)]
+    for name in fresh:
+        shutil.copyfile(assets.lora_path(x), assets.lora_path(name))
+    runs = _LoraRuns()
+    got = runs.series
+    ctx.focus(_LORA_SERVER)
+    runs.firsts = [ask(a, x), ask(a, y)]
+    for k in range(cycles):
+        this, that = (x, y) if k % 2 == 0 else (y, x)
+        ask(a, None, into=got["none"])
+        ask(a, this)
+        ask(a, this, into=got["same"])
+        ask(a, that, into=got["alternate"])
+    for k in range(cycles):
+        ask(a, None, into=got["none-first"])
+        ask(a, fresh[k], into=got["first"])
+    for _ in range(cycles):
+        ask(a, None, into=got["none-many"])
+        ask(a, x)
+        ask(a, x, into=got["same-many"])
+    runs.loaded = len(servers.SWITCH_LORAS) + cycles
+    for phase in (1, 2, 3):
+        ctx.say(
+            f"  switching LoRAs · phase {phase}: p50 "
+            + ", ".join(f"{kind} {ms(got[kind].p50)} ms" for kind, (ph, _) in _LORA_ROWS.items() if ph == phase)
+        )
+    ctx.focus(None)
+    return runs
+
+
+def _model_table(got: dict[str, _Switches], shape: Shape, other_model: Path) -> Table:
+    a, b = servers.SWITCH_MODELS
+    mib = sum(f.stat().st_size for f in other_model.rglob("*") if f.is_file()) / 2**20
+    one, two = got["sdgate-models-1"], got["sdgate-models-2"]
+    table = Table(
+        f"Switching models: one client at {shape.label}, a request for the other model vs the same one again",
+        ["SDGATE_MAX_LOADED_MODELS", "request", "requests", "p50 ms", "engine p50 ms", "ratio to steady"],
+        note=f"Two sdgate servers, two rows each, both offering two models (`SDGATE_MODELS={a}=tiny,{b}=<dir>`: "
+        f"the tiny model, and the same architecture with other random weights, {mib:.0f} MiB of files), one "
+        "client, 4 steps. The requests come in pairs: one for the other model than the last request's, then one "
+        "for that model again (the steady one). A ratio is the median over the pairs of the first request's "
+        "latency / the second's (a second or so apart, so that a burst of other work slows both). With "
+        "SDGATE_MAX_LOADED_MODELS=1 the first of a pair unloads the model in memory (garbage collected, freed "
+        "heap handed back) and loads the other from disk (warm page cache): while measuring, that server counted "
+        f"{one.loads:.0f} model loads and {one.unloads:.0f} unloads (its /metrics). With 2 both stay in memory "
+        f"({two.loads:.0f} loads while measuring). Engine: sdgate's own `inference` timing, from the batch's "
+        "start to the end of the pipeline call, the load included. A real model's files (2 to 7 GB) take "
+        "seconds to load, so the ratio with one model in memory is the tiny model's, not a real one's; with both "
+        "in memory a switch reads nothing.",
+    )
+    for label, switches in (("1", one), ("2", two)):
+        table.rows.append([label, "the same model as the last request (steady)", *switches.same.cells(switches.same)])
+        what = "the other model: unload one, load it" if label == "1" else "the other model, both in memory"
+        table.rows.append([label, what, *switches.other.cells(switches.same)])
+    return table
+
+
+def _lora_table(runs: _LoraRuns, shape: Shape) -> Table:
+    x, y = servers.SWITCH_LORAS
+    got = runs.series
+    two, many = len(servers.SWITCH_LORAS), runs.loaded
+    table = Table(
+        f"Switching LoRAs: one client at {shape.label}, requests with and without a LoRA",
+        ["LoRAs loaded in the model", "request", "requests", "p50 ms", "engine p50 ms", "ratio to no LoRA"],
+        note=f"One sdgate server, model a (tiny), one client, 4 steps, each LoRA at weight {_LORA_WEIGHT} (rank 4 on "
+        "the UNet's attention projections, made by tests/loras.py). Three phases, one after the other, each made "
+        "of cycles of one request of each of its kinds, so that a change in the machine's load hits them alike; "
+        "a ratio is the median over its phase's cycles of the request's latency / that cycle's no-LoRA request's. "
+        "1: no LoRA; "
+        f"`{x}` (not counted); `{x}` again (the same LoRA as the last request); `{y}` (the other loaded LoRA); "
+        f"`{x}` and `{y}` swap roles every cycle. 2: no LoRA; a LoRA file no request had named (its first request: "
+        "sdgate reads the file, checks that it fits the model and loads it into the model's PEFT layers before "
+        f"the call; these files are copies of `{x}` under new names). 3: phase 1 without the other LoRA, now that "
+        f"phase 2's LoRAs are loaded too (sdgate keeps every LoRA it has loaded). The server's first two LoRA "
+        "requests ever, before the phases (the first also wraps the model's layers for PEFT), took "
+        f"{' and '.join(f'{s * 1000:.0f}' for s in runs.firsts)} ms. Engine: sdgate's own `inference` timing, "
+        "from the batch's start to the end of the pipeline call, the LoRA's load and set_adapters included. A "
+        "LoRA that is on runs its layers beside the model's at every step (it is not merged into the weights): "
+        "that, not the switch, is what separates the LoRA rows from the steady ones, and on the tiny model, "
+        "whose layers are small, it weighs more than on a real one.",
+    )
+    steady = {1: got["none"], 2: got["none-first"], 3: got["none-many"]}
+    loaded = {1: str(two), 2: f"{two} → {many}", 3: str(many)}
+    for kind, (phase, label) in _LORA_ROWS.items():
+        table.rows.append([loaded[phase], label, *got[kind].cells(steady[phase])])
+    return table
+
+
 SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
     "overhead": overhead,
     "concurrency": concurrency,
     "payload": payload,
     "peers": peers,
     "memory": memory,
+    "switching": switching,
 }
 """Scenario name → function, in the order they run."""
 
@@ -475,5 +762,6 @@ def servers_for(names: list[str], budget: Budget) -> set[str]:
         "payload": {"sdgate"},
         "peers": set(PEERS),
         "memory": {"sdgate-memory" if budget.fresh_memory_server else "sdgate"},
+        "switching": set(SWITCH_SERVERS),
     }
     return set().union(*(needed[n] for n in names))

@@ -42,6 +42,56 @@ def tiny_model_dir(models_dir: Path) -> Path:
     return model_dir
 
 
+SWITCH_MODELS = ("a", "b")
+"""The names the switching scenario's servers offer their two models under (``a``, the default: the tiny one)."""
+SWITCH_LORAS = ("x", "y")
+"""The two LoRAs (for the tiny model's architecture) the switching scenario alternates between."""
+
+
+@dataclass(frozen=True)
+class SwitchAssets:
+    """What the switching scenario's servers offer besides the tiny model: a second model and LoRA files."""
+
+    other_model: Path
+    """The tiny model's architecture and configs with other random weights (seed 1)."""
+    lora_dir: Path
+    """``SDGATE_LORA_DIR``: one file per name of :data:`SWITCH_LORAS`, rank 4, on the UNet's attention."""
+
+    @property
+    def models_env(self) -> str:
+        """``SDGATE_MODELS`` for them: the tiny model, then the other one."""
+        a, b = SWITCH_MODELS
+        return f"{a}={MODEL},{b}={self.other_model}"
+
+    def lora_path(self, name: str) -> Path:
+        return self.lora_dir / f"{name}.safetensors"
+
+
+_BUILD_SWITCH_ASSETS = """
+import sys
+from pathlib import Path
+from sdgate.engine.builtin import build_tiny
+from tests.loras import make_lora
+model, other, loras = (Path(a) for a in sys.argv[1:4])
+build_tiny(other, seed=1)
+for seed, name in enumerate(sys.argv[4:], 1):
+    make_lora(model, loras / f"{name}.safetensors", seed=seed)
+"""
+
+
+def switch_assets(model_dir: Path, work: Path) -> SwitchAssets:
+    """Build the second model and the LoRA files under ``work``, in a process of its own (a few seconds).
+
+    The LoRAs are made by ``tests/loras.py`` from the tiny model itself: nothing is downloaded.
+    """
+    assets = SwitchAssets(work / "tiny-seed1", work / "loras")
+    argv = [sys.executable, "-c", _BUILD_SWITCH_ASSETS, str(model_dir), str(assets.other_model), str(assets.lora_dir)]
+    proc = subprocess.run([*argv, *SWITCH_LORAS], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building the second model and the LoRAs failed:\n{proc.stderr[-4000:]}")
+    return assets
+
+
 @dataclass
 class Server:
     """One server process: its name, base URL, the route it generates on, and its log."""

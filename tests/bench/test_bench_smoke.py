@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GOALS = 11
+GOALS = 13
 
 
 @pytest.mark.slow
@@ -39,6 +39,8 @@ def test_every_scenario_runs_and_the_report_has_every_goal(tmp_path: Path) -> No
         "## Payload: what a client receives",
         "## Peers: the same model, machine and load",
         "## Memory: sdgate's resident set size",
+        "## Switching models: one client at 64x64",
+        "## Switching LoRAs: one client at 64x64",
         "## GPU",
     ):
         assert title in report
@@ -55,4 +57,5 @@ def test_a_partial_run_names_the_scenarios_it_knows() -> None:
         [sys.executable, "-m", "bench", "--only", "nonsense"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    assert "unknown scenario nonsense; choose from overhead, concurrency, payload, peers, memory" in proc.stderr
+    known = "overhead, concurrency, payload, peers, memory, switching"
+    assert f"unknown scenario nonsense; choose from {known}" in proc.stderr
