@@ -1,6 +1,6 @@
 """``python -m bench``: run the suite, print the tables, write ``docs/benchmarks.md``.
 
-python -m bench                          # everything; rewrites docs/benchmarks.md (about 6 minutes)
+python -m bench                          # everything; rewrites docs/benchmarks.md (about 8 minutes)
 python -m bench --only overhead,peers    # some scenarios; prints only, unless --out is given
 python -m bench --smoke --out /tmp/b.md  # every scenario once with tiny counts (the test suite's check)
 """

@@ -1,4 +1,4 @@
-"""The six scenarios of the suite. Each returns its tables and the goals of the issue it checks.
+"""The seven scenarios of the suite. Each returns its tables and the goals of the issue it checks.
 
 1. overhead: sdgate end to end against the same pipeline call in process, one request at a time.
 2. concurrency: images/s and latency with 1, 4, 8, 16 clients, batching on and off.
@@ -6,6 +6,7 @@
 4. peers: sdgate, the plain FastAPI pattern, LitServe, and the bare batched pipeline, same load.
 5. memory: sdgate's RSS after 100 and after 1000 requests.
 6. switching: what a request costs when its model, or its LoRA, is not the last request's.
+7. previews: what a live preview costs, against a denoising step.
 """
 
 from __future__ import annotations
@@ -743,6 +744,96 @@ def _lora_table(runs: _LoraRuns, shape: Shape) -> Table:
     return table
 
 
+# -- 7. previews ---------------------------------------------------------------------------------
+
+_PREVIEW_TARGET = 0.05
+"""A preview may cost at most this share of one denoising step."""
+
+
+def previews(ctx: Context) -> Outcome:
+    """What a live preview costs: the same generation in process with a preview after every step, and without.
+
+    The engine of ``sdgate serve`` with the built-in ``demo`` model (the trained one, its own CPU
+    threads), 64x64 and 20 steps, one image a call; the two kinds alternate so that the machine's
+    noise falls on both. A preview is what the job receives: the latent-to-RGB picture and its JPEG.
+    """
+    import tempfile
+
+    from sdgate.config import Settings
+    from sdgate.engine.runner import Engine
+    from sdgate.imaging import preview_jpeg
+    from sdgate.schemas import GenerationParams, Previews
+
+    steps, calls = 20, (2 if ctx.budget.rounds == 1 else 8)
+    made: list[int] = []
+    wanted = {"now": False}
+
+    def send(step: int, image: Any) -> None:
+        preview_jpeg(image)
+        made.append(step)
+
+    sink = Previews(wanted=lambda: wanted["now"], send=send)
+    params = GenerationParams(
+        prompt="a red circle on a blue background",
+        negative_prompt=None,
+        width=64,
+        height=64,
+        num_inference_steps=steps,
+        guidance_scale=5.0,
+        seeds=(1,),
+        scheduler=None,
+        output_format="png",
+        quality=90,
+    )
+    ctx.focus(None)
+    with tempfile.TemporaryDirectory(prefix="sdgate-bench-previews-") as tmp:
+        engine = Engine(Settings(data_dir=Path(tmp), model="demo", device="cpu", preview_every=1, max_batch_wait_ms=0))
+        engine.start()
+        engine.wait_ready(300)
+        try:
+            engine.submit(params, previews=Previews(wanted=lambda: True, send=send)).result(300)  # fits the map
+            made.clear()
+            times: dict[bool, list[float]] = {False: [], True: []}
+            for i in range(calls * 2):
+                wanted["now"] = i % 2 == 1
+                times[wanted["now"]].append(engine.submit(params, previews=sink).result(300).inference_ms / 1000)
+            # One preview alone, timed directly: the difference of the two medians is within the noise.
+            import torch
+
+            previewer = engine.models.get_resident("demo").previewer
+            latents = torch.randn(4, 8, 8)
+            reps = 50 if ctx.budget.rounds == 1 else 500
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                preview_jpeg(previewer.picture(latents, (64, 64)))
+            per_preview = (time.perf_counter() - t0) / reps
+        finally:
+            engine.close()
+    off, with_previews = statistics.median(times[False]), statistics.median(times[True])
+    per_step = off / steps
+    share = per_preview / per_step
+    table = Table(
+        "Previews: what a live preview costs",
+        ["generation (demo, 64x64, 20 steps, in process)", "calls", "p50 ms", "per step ms"],
+        [
+            ["no previews", str(len(times[False])), ms(off), ms(per_step)],
+            ["a preview after every step", str(len(times[True])), ms(with_previews), ms(with_previews / steps)],
+        ],
+        note=f"{len(made)} previews made ({steps - 1} a call). One preview (latents to picture to JPEG, timed "
+        f"alone over {reps}): {per_preview * 1000:.2f} ms, {share:.2%} of a step; with the default "
+        f"SDGATE_PREVIEW_EVERY=5, {share / 5:.2%} of the generation. Previews are made only while someone "
+        "asks for them.",
+    )
+    goal = Goal(
+        "a live preview, against one denoising step",
+        f"≤ {_PREVIEW_TARGET:.0%}",
+        f"{share:.2%}",
+        share <= _PREVIEW_TARGET,
+        f"a preview took {per_preview * 1000:.2f} ms against a step of {per_step * 1000:.1f} ms",
+    )
+    return Outcome([table], [goal])
+
+
 SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
     "overhead": overhead,
     "concurrency": concurrency,
@@ -750,6 +841,7 @@ SCENARIOS: dict[str, Callable[[Context], Outcome]] = {
     "peers": peers,
     "memory": memory,
     "switching": switching,
+    "previews": previews,
 }
 """Scenario name → function, in the order they run."""
 
@@ -763,5 +855,6 @@ def servers_for(names: list[str], budget: Budget) -> set[str]:
         "peers": set(PEERS),
         "memory": {"sdgate-memory" if budget.fresh_memory_server else "sdgate"},
         "switching": set(SWITCH_SERVERS),
+        "previews": set(),
     }
     return set().union(*(needed[n] for n in names))

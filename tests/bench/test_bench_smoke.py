@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-GOALS = 13
+GOALS = 14
 
 
 @pytest.mark.slow
@@ -26,11 +26,11 @@ def test_every_scenario_runs_and_the_report_has_every_goal(tmp_path: Path) -> No
             [sys.executable, "-m", "bench", "--smoke", "--out", str(out)], cwd=ROOT, stdout=output, stderr=output
         )
         try:
-            returncode = proc.wait(timeout=240)
+            returncode = proc.wait(timeout=360)
         except subprocess.TimeoutExpired:
             proc.terminate()  # the suite stops its servers on SIGTERM
             proc.wait(60)
-            pytest.fail(f"the smoke run took more than 240 s:\n{log.read_text()[-3000:]}")
+            pytest.fail(f"the smoke run took more than 360 s:\n{log.read_text()[-3000:]}")
     assert returncode == 0, log.read_text()[-5000:]
     report = out.read_text()
     for title in (
@@ -41,6 +41,7 @@ def test_every_scenario_runs_and_the_report_has_every_goal(tmp_path: Path) -> No
         "## Memory: sdgate's resident set size",
         "## Switching models: one client at 64x64",
         "## Switching LoRAs: one client at 64x64",
+        "## Previews: what a live preview costs",
         "## GPU",
     ):
         assert title in report
@@ -57,5 +58,5 @@ def test_a_partial_run_names_the_scenarios_it_knows() -> None:
         [sys.executable, "-m", "bench", "--only", "nonsense"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    known = "overhead, concurrency, payload, peers, memory, switching"
+    known = "overhead, concurrency, payload, peers, memory, switching, previews"
     assert f"unknown scenario nonsense; choose from {known}" in proc.stderr
