@@ -21,6 +21,7 @@ import json
 import re
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -33,7 +34,7 @@ from sdgate.api.access import caller_of
 from sdgate.api.context import AppContext, Ctx, JsonBody
 from sdgate.api.errors import DialectRoute
 from sdgate.api.middleware import takes_images
-from sdgate.errors import InvalidRequest, SdgateError
+from sdgate.errors import GenerationTimeout, InvalidRequest
 from sdgate.generation import Caller
 from sdgate.jobs import Job
 from sdgate.schemas import MAX_SEED, GenerationRequest, JobStatus, Surface
@@ -171,9 +172,9 @@ def _check_unsupported(body: Txt2ImgRequest) -> None:
         "script_name": body.script_name and f"scripts are not offered (script_name {body.script_name!r})",
         "refiner_checkpoint": body.refiner_checkpoint and "refiners are not offered",
     }
-    for field, message in refused.items():
+    for name, message in refused.items():
         if message:
-            raise _refuse(field, f"{field}: {message}")
+            raise _refuse(name, f"{name}: {message}")
 
 
 def prompt_loras(prompt: str) -> tuple[str, list[dict[str, Any]]]:
@@ -247,9 +248,7 @@ async def _generate(request: Request, ctx: AppContext, body: Txt2ImgRequest, nat
         while len(tasks) > _TASKS_KEPT:
             tasks.popitem(last=False)
     if not generation.finished:
-        err = SdgateError(f"the images are still being made; they go on as job {job.id} (GET /v1/jobs/{job.id})")
-        err.status, err.type = 504, "timeout"
-        raise err
+        raise GenerationTimeout(f"the images are still being made; they go on as job {job.id} (GET /v1/jobs/{job.id})")
     if job.status is JobStatus.canceled:  # interrupt or skip: the webui answers with what it has (nothing here)
         images: list[str] = []
     else:
@@ -311,20 +310,28 @@ def _owner_key(caller: Caller) -> str:
     return caller.owner or ""
 
 
-def _options(request: Request) -> dict[str, dict[str, Any]]:
+@dataclass
+class WebuiState:
+    """What webui callers set, kept per app (by owner): their options, and the jobs of their task ids."""
+
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tasks: OrderedDict[tuple[str, str], str] = field(default_factory=OrderedDict)
+
+
+def _state(request: Request) -> WebuiState:
     state = request.app.state
-    if not hasattr(state, "a1111_options"):
-        state.a1111_options = {}
-    options: dict[str, dict[str, Any]] = state.a1111_options
-    return options
+    if not hasattr(state, "webui"):
+        state.webui = WebuiState()
+    webui: WebuiState = state.webui
+    return webui
+
+
+def _options(request: Request) -> dict[str, dict[str, Any]]:
+    return _state(request).options
 
 
 def _tasks(request: Request) -> OrderedDict[tuple[str, str], str]:
-    state = request.app.state
-    if not hasattr(state, "a1111_tasks"):
-        state.a1111_tasks = OrderedDict()
-    tasks: OrderedDict[tuple[str, str], str] = state.a1111_tasks
-    return tasks
+    return _state(request).tasks
 
 
 # -- routes --------------------------------------------------------------------------------------------

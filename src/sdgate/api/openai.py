@@ -30,12 +30,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from sdgate.api.access import caller_of
 from sdgate.api.context import AppContext, Ctx, absolute_url
 from sdgate.api.errors import DialectRoute
 from sdgate.api.middleware import takes_images
-from sdgate.errors import InvalidRequest, MalformedRequest, SdgateError, UnsupportedMediaType
+from sdgate.errors import GenerationTimeout, InvalidRequest, MalformedRequest, UnsupportedMediaType
 from sdgate.formats import ImageFormat
 from sdgate.jobs import Job
 from sdgate.jumpstart import media_type
@@ -219,13 +220,11 @@ async def _run(request: Request, ctx: AppContext, body: ImageGenerationRequest, 
     return JSONResponse(_answer(request, ctx, body, job).model_dump(mode="json", exclude_none=True))
 
 
-def _still_running(job: Job) -> SdgateError:
-    err = SdgateError(
+def _still_running(job: Job) -> GenerationTimeout:
+    return GenerationTimeout(
         f"the image is still being made after the server's wait; it goes on as job {job.id} (GET /v1/jobs/{job.id})",
         headers={"x-should-retry": "false"},  # the SDK would otherwise retry, making it again
     )
-    err.status, err.type = 504, "timeout"
-    return err
 
 
 def _quality(body: ImageGenerationRequest) -> str:
@@ -352,10 +351,10 @@ async def _edit_form(request: Request) -> tuple[dict[str, Any], dict[str, list[b
         raise UnsupportedMediaType("send the edit as multipart/form-data, with the image as a file")
     try:
         form = await request.form(max_files=8, max_fields=len(ImageGenerationRequest.model_fields) + 8)
-    except Exception as e:
-        if getattr(e, "status_code", None) == 413:
+    except HTTPException as e:
+        if e.status_code == 413:
             raise
-        raise MalformedRequest(f"the multipart body could not be read: {e}") from None
+        raise MalformedRequest(f"the multipart body could not be read: {e.detail}") from None
     fields: dict[str, Any] = {}
     files: dict[str, list[bytes]] = {}
     try:
@@ -372,10 +371,7 @@ async def _edit_form(request: Request) -> tuple[dict[str, Any], dict[str, list[b
                 fields[name] = value
     finally:
         await form.close()
-    for flag in ("stream",):
-        if flag in fields:
-            fields[flag] = str(fields[flag]).lower() in ("true", "1")
-    return fields, files
+    return fields, files  # form values are text: pydantic reads "true" and "1" as booleans, "5" as numbers
 
 
 def _transparent_repaints(data: bytes) -> bytes:

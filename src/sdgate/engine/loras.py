@@ -258,7 +258,7 @@ class Adapters:
             log.info("unloaded LoRA adapter %s (SDGATE_MAX_LOADED_LORAS)", victim)
 
     def _forget(self, adapter: str) -> None:
-        """Remove what a failed load may have left in the pipeline."""
+        """Remove an adapter from the pipeline (one evicted, or what a failed load may have left)."""
         try:
             self.pipe.delete_adapters(adapter)
         except Exception:  # nothing was injected: nothing to remove

@@ -429,7 +429,7 @@ class Engine:
 
         def tell(step: int) -> None:
             for t in live:
-                if t.progress is not None:
+                if t.progress is not None and not t.future.done():
                     try:
                         t.progress(step, steps_to_run)
                     except Exception:
@@ -473,11 +473,7 @@ class Engine:
             for t in live:
                 if t.cancel.is_set() and not t.future.done():
                     t.future.set_exception(Canceled("the job was canceled"))
-                elif t.progress is not None and not t.future.done():
-                    try:
-                        t.progress(step, steps_to_run)
-                    except Exception:
-                        log.warning("progress callback failed", exc_info=True)
+            tell(step)
             if all(t.future.done() for t in live):
                 raise _StopBatch
             if every and latents is not None and step % every == 0 and step < steps_to_run:

@@ -80,7 +80,6 @@ class Job:
     """The decoded input images while the job that received them is in memory (else read from storage)."""
     preview: bytes | None = None
     """The latest live preview (a small JPEG) while it runs."""
-    preview_step: int = 0
     wants_previews: bool = False
     """Previews are made for it whoever listens (its surface shows them: the webui's current_image)."""
     preview_listeners: int = 0
@@ -141,11 +140,12 @@ class Job:
         if step > 0:
             self.publish("progress")
 
-    def set_preview(self, step: int, data: bytes) -> None:
-        """A new live preview: kept for whoever polls, and a ``preview`` event to subscribers."""
+    def set_preview(self, data: bytes) -> None:
+        """A new live preview: kept for whoever polls, and a ``preview`` event to subscribers (its step is
+        the job's: the engine reports progress before the preview of the same step)."""
         if self.record.status.is_terminal():
             return
-        self.preview, self.preview_step = data, step
+        self.preview = data
         self.publish("preview")
 
     def previews_wanted(self) -> bool:

@@ -449,10 +449,10 @@ class JobRunner:
         if not self.settings.preview_every:
             return None
 
-        def send(step: int, image: Any) -> None:  # on the engine thread: encoded there, kept on the loop
+        def send(_step: int, image: Any) -> None:  # on the engine thread: encoded there, kept on the loop
             data = preview_jpeg(image)
             assert self._loop is not None
-            self._loop.call_soon_threadsafe(job.set_preview, step, data)
+            self._loop.call_soon_threadsafe(job.set_preview, data)
 
         return Previews(wanted=job.previews_wanted, send=send)
 
