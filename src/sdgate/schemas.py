@@ -369,6 +369,43 @@ class WebhookState(BaseModel):
         return WebhookStatus(url=self.url, delivered=bool(self.delivered), attempts=self.attempts)
 
 
+class JobParams(BaseModel):
+    """The parameters a job ran with, every default filled in: send them back (``seed`` is the first
+    image's) to make the same images again. Its input images are not shown, only that it had them."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int
+    height: int
+    num_inference_steps: int
+    guidance_scale: float
+    scheduler: str | None = None
+    seed: int
+    num_images: int
+    output_format: ImageFormat
+    quality: int
+    mode: Mode = Mode.txt2img
+    strength: float | None = None
+
+    @classmethod
+    def of(cls, params: GenerationParams) -> JobParams:
+        return cls(
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            width=params.width,
+            height=params.height,
+            num_inference_steps=params.num_inference_steps,
+            guidance_scale=params.guidance_scale,
+            scheduler=params.scheduler,
+            seed=params.seeds[0],
+            num_images=params.num_images,
+            output_format=params.output_format,
+            quality=params.quality,
+            mode=params.mode,
+            strength=params.strength,
+        )
+
+
 class GenerationResponse(BaseModel):
     """A generation job as the native API shows it."""
 
@@ -378,6 +415,7 @@ class GenerationResponse(BaseModel):
     loras: list[LoraWeight] = Field(default_factory=list, description="The LoRAs applied, with their weights.")
     surface: Surface | None = Field(None, description="The API the generation came through.")
     user: str | None = Field(None, description="The end user the caller named (OpenAI's user).")
+    params: JobParams | None = Field(None, description="What it ran with, defaults filled in (to run it again).")
     created: int
     images: list[ImageResult] = Field(default_factory=list)
     timings: Timings = Field(default_factory=Timings)

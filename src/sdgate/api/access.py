@@ -1,6 +1,7 @@
 """The app-wide dependency that finds the caller: its API key (when keys are required) and owner.
 
-Open without a key: health (``/healthz``, ``/readyz``, ``/ping``), ``/metrics``, the docs, and
+Open without a key: health (``/healthz``, ``/readyz``, ``/ping``), ``/metrics``, the docs, the
+playground's static files (``/`` and ``/playground/``: the page asks for a key itself), and
 image GETs (their URLs are unguessable). In SageMaker mode ``/invocations`` is open too: IAM
 guards the endpoint and SageMaker strips unknown headers. Everything that generates or reads
 jobs needs ``Authorization: Bearer <key>``, ``X-API-Key: <key>``, or HTTP Basic with the key as the
@@ -15,13 +16,15 @@ from typing import Any
 
 from fastapi import Request
 
+from sdgate.api.playground import PREFIX as PLAYGROUND_PREFIX
 from sdgate.auth import Guard
 from sdgate.generation import Caller
 from sdgate.schemas import ErrorBody
 
 _OPEN_PATHS = frozenset(
-    {"/healthz", "/readyz", "/ping", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+    {"/", "/healthz", "/readyz", "/ping", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
+_OPEN_PREFIXES = ("/images/", PLAYGROUND_PREFIX)
 _SAGEMAKER_OPEN = frozenset({"/invocations"})
 OWNER_SCOPE_KEY = "sdgate.owner"
 
@@ -33,7 +36,7 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 def is_open(guard: Guard, path: str) -> bool:
-    if path in _OPEN_PATHS or path.startswith("/images/"):
+    if path in _OPEN_PATHS or path.startswith(_OPEN_PREFIXES):
         return True
     return guard.settings.sagemaker and path in _SAGEMAKER_OPEN
 

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import Depends, FastAPI
 
 from sdgate import __version__
-from sdgate.api import a1111, health, images, native, openai, sagemaker, text2image
+from sdgate.api import a1111, health, images, native, openai, playground, sagemaker, text2image
 from sdgate.api import metrics as metrics_route
 from sdgate.api.access import authenticate
 from sdgate.api.context import AppContext
@@ -89,7 +89,7 @@ def create_app(
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
     limit_decoding(settings.max_pixels)  # Pillow's own decompression-bomb limit, for any image it opens
     app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413s included
-    for router in (native, openai, a1111, health, images, metrics_route, sagemaker, text2image):
+    for router in (native, openai, a1111, health, images, metrics_route, sagemaker, text2image, playground):
         app.include_router(router.router)
     _document_request_bodies(app)
     return app

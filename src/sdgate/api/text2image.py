@@ -155,5 +155,6 @@ def _page(prompt: str, url: str | None, note: str | None, width: int = 0, height
         f"<title>{p} · sdgate</title>"
         "<style>body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
         "img{max-width:100%;height:auto}</style></head>\n"
-        f"<body><h1>{p}</h1>{figure}</body></html>\n"
+        f'<body><h1>{p}</h1>{figure}<p><a href="/">Open the playground</a>: models, LoRAs, image inputs, '
+        "progress and a gallery.</p></body></html>\n"
     )
