@@ -264,14 +264,14 @@ async def _run_in_process(settings: Settings, request: Any) -> Any:
 
 @main.group()
 def keys() -> None:
-    """Create, list and revoke API keys (stored, hashed, under SDGATE_DATA_DIR)."""
+    """Create, list and revoke API keys (stored hashed: under SDGATE_DATA_DIR, or in PostgreSQL with
+    SDGATE_JOB_STORE=postgres and SDGATE_POSTGRES_URL, where every API node sees them)."""
 
 
 def _key_store(data_dir: str | None) -> Any:
-    from sdgate.auth import KeyStore
+    from sdgate.auth import open_keys
 
-    settings = build_settings({"data_dir": data_dir})
-    return KeyStore(settings.paths.keys_db)
+    return open_keys(build_settings({"data_dir": data_dir}))
 
 
 _data_dir_option = click.option("--data-dir", help="State directory [env: SDGATE_DATA_DIR].")

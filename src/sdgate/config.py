@@ -19,9 +19,9 @@ from sdgate.paths import DataPaths
 
 Device = Literal["auto", "cpu", "cuda", "mps"]
 DType = Literal["auto", "float32", "float16", "bfloat16"]
-BackendName = Literal["local", "sagemaker", "http"]
+BackendName = Literal["local", "sagemaker", "http", "ray"]
 StorageName = Literal["local", "s3"]
-JobStoreName = Literal["sqlite", "dynamodb"]
+JobStoreName = Literal["sqlite", "dynamodb", "postgres"]
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -177,11 +177,20 @@ class Settings(BaseSettings):
     )
 
     # -- backend --------------------------------------------------------------------------------
-    backend: BackendName = Field("local", description="Where generations run: local | sagemaker | http.")
+    backend: BackendName = Field("local", description="Where generations run: local | sagemaker | http | ray.")
     sagemaker_endpoint: str | None = Field(None, description="SageMaker endpoint name (backend sagemaker).")
     sagemaker_region: str | None = Field(None, description="AWS region of the endpoint (default: AWS chain).")
     backend_url: str | None = Field(None, description="Base URL of another sdgate / JumpStart server (backend http).")
     backend_timeout_s: float = Field(300.0, gt=0, description="Timeout for one remote generation.")
+    ray_address: str = Field(
+        "auto", description="Ray cluster (backend ray): auto (the running one, else a local one), or ray://host:10001."
+    )
+    ray_replicas: int | None = Field(None, ge=1, description="Fixed engine replica count (backend ray).")
+    ray_min_replicas: int | None = Field(None, ge=0, description="Autoscaling: fewest engine replicas (backend ray).")
+    ray_max_replicas: int | None = Field(None, ge=1, description="Autoscaling: most engine replicas (backend ray).")
+    ray_num_gpus: float | None = Field(
+        None, ge=0, description="GPUs per engine replica (backend ray; default 1 with CUDA, 0 on a CPU)."
+    )
 
     shutdown_grace_s: float = Field(
         30.0, ge=0, le=3600, description="On SIGTERM, how long running jobs may finish before the process exits."
@@ -223,7 +232,21 @@ class Settings(BaseSettings):
         None, description="Delete jobs and images older than this (e.g. 7d, 12h, 3600); off when unset."
     )
     job_store: JobStoreName = Field(
-        "sqlite", description="Where job records live: sqlite (under the data dir) | dynamodb (AWS Lambda)."
+        "sqlite",
+        description="Where job records live: sqlite (under the data dir) | dynamodb (AWS Lambda) | postgres "
+        "(shared by several API nodes).",
+    )
+    postgres_url: str | None = Field(
+        None,
+        description="PostgreSQL (job store postgres): a libpq URL, e.g. postgresql://sdgate@db/sdgate. Jobs, keys, "
+        "rate and quota counters live there, shared by every API node.",
+    )
+    node_lease_s: float = Field(
+        15.0,
+        ge=1,
+        le=3600,
+        description="Job store postgres: how long a job's lease lasts (its node renews it every third of that); "
+        "another node takes over a job whose lease expired (its node died).",
     )
     dynamodb_table: str | None = Field(
         None, description="DynamoDB table of job records (job store dynamodb); TTL on expires_at."
@@ -308,6 +331,14 @@ class Settings(BaseSettings):
             raise ValueError("backend 'http' needs SDGATE_BACKEND_URL (e.g. http://127.0.0.1:8080)")
         if self.job_store == "dynamodb" and not self.dynamodb_table:
             raise ValueError("job store 'dynamodb' needs SDGATE_DYNAMODB_TABLE (the table name)")
+        if self.job_store == "postgres" and not self.postgres_url:
+            raise ValueError("job store 'postgres' needs SDGATE_POSTGRES_URL (e.g. postgresql://user@host/db)")
+        if (
+            self.ray_min_replicas is not None
+            and self.ray_max_replicas is not None
+            and self.ray_min_replicas > self.ray_max_replicas
+        ):
+            raise ValueError("SDGATE_RAY_MIN_REPLICAS must not be above SDGATE_RAY_MAX_REPLICAS")
         if self.storage == "s3" and not self.s3_bucket:
             raise ValueError("storage 's3' needs SDGATE_S3_BUCKET")
         if self.s3_prefix.startswith("/") or ".." in self.s3_prefix.split("/"):

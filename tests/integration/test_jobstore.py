@@ -1,6 +1,9 @@
-"""Job stores, the durable record of every job: the same cases against SQLite and DynamoDB.
+"""Job stores, the durable record of every job: the same cases against SQLite, DynamoDB and PostgreSQL.
 
-The DynamoDB store talks HTTP to a real DynamoDB-protocol server (moto) on a loopback port.
+The DynamoDB store talks HTTP to a real DynamoDB-protocol server (moto) on a loopback port; the
+PostgreSQL store to a real PostgreSQL server (:mod:`tests.postgres`), a fresh database per test.
+What recovery reads (``unfinished``, ``finished_since``) is read after a restart: by the store opened
+again, as a new process (on PostgreSQL, a new node) does.
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 
-from sdgate.jobstore import DuplicateJob, JobRecord, JobStore, SqliteJobStore
+from sdgate.jobstore import DuplicateJob, JobRecord, JobStore, SharedJobStore, SqliteJobStore
 from sdgate.jobstore.dynamodb import DynamoJobStore
 from sdgate.schemas import JobStatus, StoredImage, Timings, WebhookState
+from tests import postgres
 from tests.aws_fixtures import FAKE_CREDENTIALS, REGION
 from tests.fakes import params
 
@@ -44,11 +48,16 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "state" / "jobs.sqlite3"
 
 
-@pytest.fixture(params=["sqlite", "dynamodb"])
+@pytest.fixture(params=["sqlite", "dynamodb", "postgres"])
 def open_store(request: pytest.FixtureRequest, db_path: Path) -> Callable[[], JobStore]:
     """Opens the store under test; each call is a new connection to the same data (a restart)."""
     if request.param == "sqlite":
         return lambda: SqliteJobStore(db_path)
+    if request.param == "postgres":
+        from sdgate.jobstore.postgres import PostgresJobStore
+
+        url = postgres.fresh_database()
+        return lambda: PostgresJobStore(url)
     server: str = request.getfixturevalue("s3_server")  # moto speaks DynamoDB on the same port
     table: str = request.getfixturevalue("jobs_table")
 
@@ -127,15 +136,31 @@ def test_paging_with_before_visits_every_job_once(store: JobStore) -> None:
     assert set(seen) == ids
 
 
-def test_unfinished_are_queued_and_running_oldest_first(store: JobStore) -> None:
-    running = store.insert(record(1002.0, JobStatus.running, attempts=1))
-    queued = store.insert(record(1001.0))
+def restarted(store: JobStore, open_store: Callable[[], JobStore]) -> JobStore:
+    """``store`` closed, as a process that stops, and the store opened again, as the next one."""
+    store.close()
+    return open_store()
+
+
+def test_unfinished_are_queued_and_running_oldest_first(open_store: Callable[[], JobStore]) -> None:
+    before = open_store()
+    running = before.insert(record(1002.0, JobStatus.running, attempts=1))
+    queued = before.insert(record(1001.0))
     for i, status in enumerate((JobStatus.succeeded, JobStatus.failed, JobStatus.canceled)):
-        store.insert(record(1000.0 + i, status))
-    assert [r.id for r in store.unfinished()] == [queued.id, running.id]
+        before.insert(record(1000.0 + i, status))
+    after = restarted(before, open_store)
+    try:
+        assert [r.id for r in after.unfinished()] == [queued.id, running.id]
+    finally:
+        after.close()
+    before = open_store()
     queued.status = JobStatus.succeeded
-    store.save(queued)
-    assert [r.id for r in store.unfinished()] == [running.id]
+    before.save(queued)
+    after = restarted(before, open_store)
+    try:
+        assert [r.id for r in after.unfinished()] == [running.id]
+    finally:
+        after.close()
 
 
 def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: JobStore) -> None:
@@ -148,19 +173,31 @@ def test_older_than_returns_only_terminal_jobs_before_the_cutoff(store: JobStore
     assert store.older_than(100.0) == []
 
 
-def test_finished_since_returns_only_terminal_jobs_from_the_cutoff_oldest_first(store: JobStore) -> None:
+def test_finished_since_returns_only_terminal_jobs_from_the_cutoff_oldest_first(
+    open_store: Callable[[], JobStore],
+) -> None:
+    store = open_store()
     store.insert(record(100.0, JobStatus.succeeded))  # finished, but before the cutoff
     at_cutoff = store.insert(record(200.0, JobStatus.failed))
     store.insert(record(250.0, JobStatus.queued))  # recent but unfinished
     running = store.insert(record(260.0, JobStatus.running))
     later = [store.insert(record(300.0 + i, s)) for i, s in enumerate(reversed(JobStatus)) if s.is_terminal()]
-    assert [r.id for r in store.finished_since(200.0)] == [at_cutoff.id, *(r.id for r in later)]
-    assert [r.id for r in store.finished_since(200.1)] == [r.id for r in later]
-    assert store.finished_since(1000.0) == []
-    # A job that ends later is found from then on, with its whole record.
-    running.status, running.webhook = JobStatus.succeeded, WebhookState(url="https://example.com/h")
-    store.save(running)
-    assert store.finished_since(250.0)[0] == running
+    store = restarted(store, open_store)
+    try:
+        assert store.finished_since(1000.0) == []
+        assert [r.id for r in store.finished_since(200.1)] == [r.id for r in later]
+        if not isinstance(store, SharedJobStore):  # a shared store hands each over once: to the first asking
+            assert [r.id for r in store.finished_since(200.0)] == [at_cutoff.id, *(r.id for r in later)]
+        # A job that ends later is found from then on, with its whole record.
+        running.status, running.webhook = JobStatus.succeeded, WebhookState(url="https://example.com/h")
+        store.save(running)
+    finally:
+        store.close()
+    store = open_store()
+    try:
+        assert store.finished_since(250.0)[0] == running
+    finally:
+        store.close()
 
 
 def test_delete(store: JobStore) -> None:

@@ -16,7 +16,7 @@ from sdgate.api.access import authenticate
 from sdgate.api.context import AppContext
 from sdgate.api.errors import install_error_handlers
 from sdgate.api.middleware import BodyLimit, RequestContext
-from sdgate.auth import Guard, KeyStore
+from sdgate.auth import Guard, create_guard
 from sdgate.backends import Backend, BackendState, create_backend
 from sdgate.config import Settings, is_loopback
 from sdgate.generation import GenerationService
@@ -48,7 +48,7 @@ def create_app(
     metrics = Metrics()
     metrics.watch_backend(backend.stats, lambda: backend.state() is BackendState.ready)
     jobs = JobRunner(settings, backend, storage, store, metrics, dispatcher)
-    guard = Guard(settings, KeyStore(settings.paths.keys_db))
+    guard = create_guard(settings)
     service = GenerationService(settings, backend, jobs, guard)
     ctx = AppContext(settings=settings, backend=backend, storage=storage, jobs=jobs, guard=guard, service=service)
 

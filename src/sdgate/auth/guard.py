@@ -7,8 +7,9 @@ import threading
 import time
 from collections import deque
 from dataclasses import replace
+from typing import Protocol, runtime_checkable
 
-from sdgate.auth.keys import ApiKey, InvalidKey, KeyStore, RevokedKey
+from sdgate.auth.keys import ApiKey, InvalidKey, Keys, RevokedKey
 from sdgate.config import Settings
 from sdgate.errors import Forbidden, RateLimited, Unauthorized
 
@@ -33,13 +34,20 @@ class RateLimiter:
         return None
 
 
+@runtime_checkable
+class Limiter(Protocol):
+    """Counts a key's requests: :class:`RateLimiter` (this process) or the PostgreSQL key store (every node)."""
+
+    def hit(self, key_id: str, per_min: int) -> float | None: ...
+
+
 class Guard:
     """Settings + key store + limiter: authenticates callers and charges their generations."""
 
-    def __init__(self, settings: Settings, keys: KeyStore):
+    def __init__(self, settings: Settings, keys: Keys, limiter: Limiter | None = None):
         self.settings = settings
         self.keys = keys
-        self.limiter = RateLimiter()
+        self.limiter: Limiter = limiter or RateLimiter()
 
     def authenticate(self, presented: str | None) -> ApiKey:
         """The key behind ``presented``; 401 for none or an unknown one, 403 for a revoked one."""

@@ -84,6 +84,9 @@ class Job:
     """Previews are made for it whoever listens (its surface shows them: the webui's current_image)."""
     preview_listeners: int = 0
     """Subscribers that asked for previews (``?previews=1``, OpenAI's partial_images)."""
+    detached: bool = False
+    """Another node took it over (this one's lease had run out): it is stopped here and nothing more of it
+    is written from this process."""
 
     def __post_init__(self) -> None:
         self.step = self.record.step
@@ -175,13 +178,21 @@ class Job:
     def adopt(self, record: JobRecord) -> None:
         """Take a newer copy of the record from the store (written by another process)."""
         self.record = record
+        if not self.local:
+            self.step = record.step  # the progress its node last reported
         if record.status.is_terminal():
             self.done.set()
+
+    def detach(self) -> None:
+        """Stop it here and write nothing more: another node runs it now."""
+        self.detached = True
+        self.cancel_requested.set()
+        self.done.set()
 
     # -- the common part ------------------------------------------------------------------------
 
     def _end(self, status: JobStatus, error: ErrorInfo | None) -> None:
-        if self.record.status.is_terminal():
+        if self.record.status.is_terminal() or self.detached:
             return
         record = self.record
         record.status, record.error, record.step = status, error, self.step
@@ -199,7 +210,8 @@ class Job:
         self.lifecycle.ended(self)
 
     def _save(self) -> None:
-        self.lifecycle.store.save(self.record)
+        if not self.detached:
+            self.lifecycle.store.save(self.record)
 
     def publish(self, name: str) -> None:
         if not self.subscribers:

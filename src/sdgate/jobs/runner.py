@@ -41,10 +41,10 @@ from sdgate.jobs.events import TERMINAL_EVENTS, Event
 from sdgate.jobs.inputs import delete_inputs, load_inputs, store_inputs
 from sdgate.jobs.lifecycle import Job, Lifecycle
 from sdgate.jobs.outputs import delete_images, store_images
-from sdgate.jobs.recovery import recover
+from sdgate.jobs.recovery import recover, resume, webhook_window
 from sdgate.jobs.retention import retention_loop
 from sdgate.jobs.webhooks import WebhookNotAllowed, check_url, deliver
-from sdgate.jobstore import JobRecord, JobStore
+from sdgate.jobstore import JobRecord, JobStore, SharedJobStore
 from sdgate.metrics import Metrics
 from sdgate.schemas import (
     ErrorInfo,
@@ -99,6 +99,8 @@ class JobRunner:
         self._recent_ms: list[float] = []
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.shared: SharedJobStore | None = store if isinstance(store, SharedJobStore) else None
+        """The store, when other API nodes share it (PostgreSQL): this node then leases its jobs."""
 
     # -- start and stop -------------------------------------------------------------------------
 
@@ -115,6 +117,63 @@ class JobRunner:
         recover(self)
         if self.settings.retention_s:
             self._spawn(retention_loop(self.store, self.storage, self.settings.retention_s))
+        if self.shared is not None:
+            self._spawn(self._node_loop(self.shared))
+
+    # -- one node among several -----------------------------------------------------------------
+
+    async def _node_loop(self, shared: SharedJobStore) -> None:
+        """With a shared store: renew this node's lease and report its jobs' progress (every second, or a
+        third of the lease when shorter); stop what other nodes canceled or took over; and every third
+        of the lease, take over what nodes that are gone left behind."""
+        beat_s = min(1.0, shared.lease_s / 3)
+        sweep_s = shared.lease_s / 3
+        last_sweep = time.monotonic()
+        while True:
+            await asyncio.sleep(beat_s)
+            live = {j.id: j.step for j in self._live.values() if j.local and not j.status.is_terminal()}
+            try:
+                report = await asyncio.to_thread(shared.heartbeat, live)
+            except Exception as e:  # the database is away for a moment: the lease lasts a while yet
+                log.warning("node %s: heartbeat failed: %s", shared.node_id, e)
+                continue
+            for record in report.canceled.values():
+                self._canceled_by_another_node(record)
+            for job_id in report.lost:
+                self._lost_to_another_node(job_id)
+            if time.monotonic() - last_sweep < sweep_s:
+                continue
+            last_sweep = time.monotonic()
+            try:
+                unfinished = await asyncio.to_thread(shared.unfinished)
+                finished = await asyncio.to_thread(shared.finished_since, time.time() - webhook_window(self))
+            except Exception as e:
+                log.warning("node %s: taking over failed: %s", shared.node_id, e)
+                continue
+            if unfinished or finished:
+                log.info(
+                    "node %s takes over %d unfinished job(s) of nodes that are gone", shared.node_id, len(unfinished)
+                )
+            resume(self, unfinished, finished)
+
+    def _canceled_by_another_node(self, record: JobRecord) -> None:
+        """Canceled through another node while it runs here: stop it; its record says canceled already
+        (that node counted it and sends its webhook)."""
+        job = self._live.get(record.id)
+        if job is None or job.status.is_terminal():
+            return
+        job.cancel_requested.set()
+        job.adopt(record)
+        job.publish(record.status.value)
+        self._live.pop(job.id, None)
+
+    def _lost_to_another_node(self, job_id: str) -> None:
+        """Another node took this job over (this one's lease had run out): stop it, write nothing more."""
+        job = self._live.pop(job_id, None)
+        if job is None:
+            return
+        log.warning("job %s was taken over by another node; stopping it here", job_id)
+        job.detach()
 
     async def close(self, grace_s: float = 30.0) -> None:
         """Graceful stop: take no new work, let running jobs finish (up to ``grace_s``), leave the rest.
@@ -280,7 +339,8 @@ class JobRunner:
             job = None if record is None else self._job(record)
         if job is None or (owner is not None and job.record.owner != owner):
             raise NotFound(f"no job {job_id!r}")
-        lost = time.time() - job.record.created > self.settings.worker_timeout_s
+        # (With a shared store, other nodes' jobs are theirs: a node that is gone is taken over instead.)
+        lost = time.time() - job.record.created > self.settings.worker_timeout_s and self.shared is None
         if not job.local and not job.status.is_terminal() and lost:
             job.interrupt("the job's worker stopped before it finished")
         return job
@@ -382,6 +442,10 @@ class JobRunner:
         (without it they are not sent, and not made for this subscriber).
         """
         job = self.find(job_id, owner)
+        if not job.local and self.shared is not None and not job.status.is_terminal():
+            async for event in self._events_elsewhere(job):
+                yield event
+            return
         if not job.local or job.status.is_terminal():
             yield Event(job.status.value, self.view(job).model_dump(mode="json"))
             return
@@ -408,6 +472,37 @@ class JobRunner:
         finally:
             job.subscribers.discard(queue)
             job.preview_listeners -= previews
+
+    async def _events_elsewhere(self, job: Job, poll_s: float = 0.25) -> AsyncIterator[Event]:
+        """The events of a job another node runs, from its record (its step as of that node's heartbeat)."""
+        seen = (job.status, job.step)
+        yield Event("queued" if job.status == JobStatus.queued else "started", self.view(job).model_dump(mode="json"))
+        quiet = 0.0
+        while True:
+            await asyncio.sleep(poll_s)
+            fresh = await asyncio.to_thread(self.store.get, job.id)
+            if fresh is None:
+                return
+            job.adopt(fresh)
+            now = (job.status, job.step)
+            if now == seen:
+                quiet += poll_s
+                if quiet >= 15:
+                    quiet = 0.0
+                    yield Event("", {})  # keep-alive comment
+                continue
+            quiet = 0.0
+            name = (
+                job.status.value
+                if job.status.is_terminal()
+                else "started"
+                if seen[0] == JobStatus.queued
+                else "progress"
+            )
+            seen = now
+            yield Event(name, self.view(job).model_dump(mode="json"))
+            if job.status.is_terminal():
+                return
 
     async def wait_ready(self, timeout: float) -> None:
         """Hold a request that arrives while the model is still loading, rather than refusing it."""
@@ -487,7 +582,7 @@ class JobRunner:
             outputs, encode_ms, store_ms = await asyncio.to_thread(
                 store_images, self.storage, job.id, job.record.model, job.params, result.images
             )
-            if claimed and self._canceled_elsewhere(job):
+            if (claimed or self.shared is not None) and self._canceled_elsewhere(job):
                 delete_images(self.storage, [o.image for o in outputs])
                 return
             self._recent_ms = [*self._recent_ms[-19:], (time.perf_counter() - t0) * 1000]
@@ -504,7 +599,7 @@ class JobRunner:
         except SdgateError as e:
             if self._closing and job.status == JobStatus.queued:
                 return  # dropped by the shutdown, not by the user: stays queued for the next start
-            if claimed and self._canceled_elsewhere(job):
+            if (claimed or self.shared is not None) and self._canceled_elsewhere(job):
                 return
             if e.type == "canceled":
                 job.cancel(ErrorInfo(type=e.type, message=e.message))
@@ -513,7 +608,7 @@ class JobRunner:
         except Exception as e:
             error_id = new_error_id()
             log.error("job %s failed unexpectedly (error id %s)", job.id, error_id, exc_info=e)
-            if claimed and self._canceled_elsewhere(job):
+            if (claimed or self.shared is not None) and self._canceled_elsewhere(job):
                 return
             err = GenerationFailed(f"internal error; reference {error_id} in the server log")
             job.fail(ErrorInfo(type=err.type, message=err.message))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -93,3 +93,32 @@ class JobStore(Protocol):
     def delete(self, job_ids: list[str]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class NodeReport(NamedTuple):
+    """What a node's heartbeat learns about the jobs it runs."""
+
+    canceled: dict[str, JobRecord]
+    """Canceled by another node: stop them (their records say so already)."""
+    lost: set[str]
+    """Taken over by another node (this one's lease had expired): stop them and write nothing more."""
+
+
+@runtime_checkable
+class SharedJobStore(JobStore, Protocol):
+    """A store that several API nodes share at once (:class:`~sdgate.jobstore.postgres.PostgresJobStore`).
+
+    Each node holds a lease; :meth:`JobStore.unfinished` and :meth:`JobStore.finished_since` take over
+    only what nodes that are gone left behind.
+    """
+
+    node_id: str
+    lease_s: float
+
+    def heartbeat(self, live: dict[str, int]) -> NodeReport:
+        """Renew the lease, record the running jobs' steps (``live``: id → step), report on them."""
+        ...
+
+    def leave(self) -> None:
+        """Give the lease up (a clean stop): the other nodes take the unfinished jobs over at once."""
+        ...
