@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 
-def keys_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run ``sdgate keys ARGS --data-dir DATA_DIR``; fails the test on a non-zero exit."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
+def keys_cli(data_dir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run ``sdgate keys ARGS --data-dir DATA_DIR`` (``env``: SDGATE_* settings, e.g. a PostgreSQL store);
+    fails the test on a non-zero exit."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
+    full_env.update(env or {})
     result = subprocess.run(
         [sys.executable, "-m", "sdgate.cli", "keys", *args, "--data-dir", str(data_dir)],
-        env=env,
+        env=full_env,
         capture_output=True,
         text=True,
         timeout=120,
@@ -22,8 +24,8 @@ def keys_cli(data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def create_key(data_dir: Path, name: str, *options: str) -> str:
+def create_key(data_dir: Path, name: str, *options: str, env: dict[str, str] | None = None) -> str:
     """A new key (``--rate R``, ``--quota Q`` in ``options``); the CLI prints it alone on stdout."""
-    out = keys_cli(data_dir, "create", "--name", name, *options).stdout.strip()
+    out = keys_cli(data_dir, "create", "--name", name, *options, env=env).stdout.strip()
     assert out.startswith("sdg_") and "\n" not in out, out
     return out

@@ -83,8 +83,11 @@ def serve(**options: Any) -> None:
     # 1. settings and logging
     settings = build_settings(options)
     _setup_logging(settings.log_level, settings.log_format)
-    # 2. app
-    app = create_app(settings)
+    # 2. app (a database it cannot reach is a one-line error, not a traceback)
+    try:
+        app = create_app(settings)
+    except ConnectionError as e:
+        raise click.ClickException(str(e)) from None
     # Through logging, not a bare echo: when the log is JSON lines, every line of it is JSON.
     logging.getLogger("sdgate").info("sdgate serving %s on http://%s:%d", settings.model, settings.host, settings.port)
     # 3. serve until SIGINT/SIGTERM

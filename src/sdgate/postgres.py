@@ -114,6 +114,14 @@ def pool(url: str) -> ConnectionPool:
         if existing is not None:
             _users[url] += 1
             return existing
+        # One plain connection first: it fails at once with the server's own reason (refused, no such
+        # database, bad password), where a pool would retry until its timeout and say only that.
+        import psycopg
+
+        try:
+            psycopg.connect(url, connect_timeout=10).close()
+        except psycopg.Error as e:
+            raise ConnectionError(f"cannot reach PostgreSQL at {_redacted(url)}: {str(e).strip()}") from None
         opened: ConnectionPool = ConnectionPool(
             url, min_size=1, max_size=16, kwargs={"autocommit": True}, open=False, name="sdgate"
         )
