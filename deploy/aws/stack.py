@@ -41,6 +41,7 @@ from aws_cdk import (
     Stack,
 )
 from aws_cdk import aws_apigateway as apigw
+from aws_cdk import aws_applicationautoscaling as appscaling
 from aws_cdk import aws_cloudfront as cloudfront
 from aws_cdk import aws_cloudfront_origins as origins
 from aws_cdk import aws_dynamodb as dynamodb
@@ -90,6 +91,14 @@ class StackConfig:
     architecture: str = "arm64"
     worker_concurrency: int | None = None
     """Reserved concurrency of the worker: at most this many generations reach the endpoint at once."""
+    max_instances: int | None = None
+    """Autoscaling of the endpoint's variant up to this many instances; off when unset."""
+    min_instances: int | None = None
+    """Autoscaling's floor (default: ``instance_count``; SageMaker keeps at least one)."""
+    invocations_per_instance: float = 20.0
+    """Autoscaling's target: invocations per instance and minute (about what one instance serves in a minute)."""
+    variant_name: str = "AllTraffic"
+    """The endpoint's production variant that autoscaling scales (the stack's own endpoint has this one)."""
 
     @classmethod
     def from_context(cls, scope: Construct) -> StackConfig:
@@ -116,6 +125,14 @@ class StackConfig:
             raise ValueError(f"architecture must be arm64 or x86_64, got {self.architecture!r}")
         if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", self.stage):
             raise ValueError(f"stage must be letters, digits, - or _, got {self.stage!r}")
+        if self.max_instances is not None:
+            floor = self.min_instances if self.min_instances is not None else self.instance_count
+            if floor < 1 or self.max_instances < floor:
+                raise ValueError(
+                    f"autoscaling needs 1 <= min_instances <= max_instances, got {floor} and {self.max_instances}"
+                )
+            if self.invocations_per_instance <= 0:
+                raise ValueError("invocations_per_instance must be above 0")
 
 
 def _parse(name: str, raw: Any, kind: str) -> Any:
@@ -218,9 +235,10 @@ class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyp
                 projection_type=dynamodb.ProjectionType.ALL,
             )
 
-        # 3. the model: an existing endpoint, or one made from the sdgate image
-        if config.image_uri:
-            self._endpoint(config, endpoint_name)
+        # 3. the model: an existing endpoint, or one made from the sdgate image; autoscaled when asked
+        endpoint = self._endpoint(config, endpoint_name) if config.image_uri else None
+        if config.max_instances is not None:
+            self._autoscaling(config, endpoint_name, endpoint)
         endpoint_arn = self.format_arn(
             service="sagemaker", resource="endpoint", resource_name=endpoint_name.lower()
         )  # SageMaker's ARNs spell endpoint names in lower case
@@ -394,7 +412,33 @@ class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyp
             description=description,
         )
 
-    def _endpoint(self, config: StackConfig, endpoint_name: str) -> None:
+    def _autoscaling(self, config: StackConfig, endpoint_name: str, endpoint: Any | None) -> None:
+        """Application Auto Scaling on the variant's instance count, tracking invocations per instance.
+
+        Out fast (a minute), in slowly (five): an instance takes minutes to start and load its model,
+        so letting one go at the first quiet minute would make the next burst wait for it.
+        """
+        floor = config.min_instances if config.min_instances is not None else config.instance_count
+        target = appscaling.ScalableTarget(
+            self,
+            "EndpointScaling",
+            service_namespace=appscaling.ServiceNamespace.SAGEMAKER,
+            resource_id=f"endpoint/{endpoint_name}/variant/{config.variant_name}",
+            scalable_dimension="sagemaker:variant:DesiredInstanceCount",
+            min_capacity=floor,
+            max_capacity=config.max_instances,
+        )
+        if endpoint is not None:
+            target.node.add_dependency(endpoint)  # the variant must exist before it is registered
+        target.scale_to_track_metric(
+            "InvocationsPerInstance",
+            target_value=config.invocations_per_instance,
+            predefined_metric=appscaling.PredefinedMetric.SAGEMAKER_VARIANT_INVOCATIONS_PER_INSTANCE,
+            scale_out_cooldown=Duration.seconds(60),
+            scale_in_cooldown=Duration.seconds(300),
+        )
+
+    def _endpoint(self, config: StackConfig, endpoint_name: str) -> Any:
         """The SageMaker model, endpoint config and endpoint, from the sdgate container image."""
         assert config.image_uri
         role = iam.Role(self, "ModelRole", assumed_by=iam.ServicePrincipal("sagemaker.amazonaws.com"))
@@ -437,7 +481,7 @@ class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyp
             "EndpointConfig",
             production_variants=[
                 sagemaker.CfnEndpointConfig.ProductionVariantProperty(
-                    variant_name="AllTraffic",
+                    variant_name=config.variant_name,
                     model_name=model.attr_model_name,
                     initial_instance_count=config.instance_count,
                     instance_type=config.instance_type,
@@ -447,7 +491,7 @@ class SdgateStack(Stack):  # type: ignore[misc]  # Stack is Any to mypy: see pyp
                 )
             ],
         )
-        sagemaker.CfnEndpoint(
+        return sagemaker.CfnEndpoint(
             self,
             "Endpoint",
             endpoint_name=endpoint_name,

@@ -58,6 +58,8 @@ def templates(stack_module: Any) -> dict[str, Template]:
             api_key=False,
             worker_concurrency=4,
             architecture="x86_64",
+            max_instances=4,
+            invocations_per_instance=30,
         ),
     }
     for name, config in configs.items():
@@ -320,6 +322,38 @@ def test_a_created_endpoint_is_the_one_the_worker_may_invoke(created: Template) 
     _, worker = function(created, "WorkerFunction")
     assert worker["ReservedConcurrentExecutions"] == 4
     assert worker["Architectures"] == ["x86_64"]
+
+
+def test_a_created_endpoint_autoscales_on_invocations_per_instance(created: Template, existing: Template) -> None:
+    [(name, scalable)] = resources(created, "AWS::ApplicationAutoScaling::ScalableTarget").items()
+    target = scalable["Properties"]
+    assert target["ServiceNamespace"] == "sagemaker"
+    assert target["ScalableDimension"] == "sagemaker:variant:DesiredInstanceCount"
+    assert flat(target["ResourceId"]) == "endpoint/sdgate-sd/variant/AllTraffic"
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (1, 4)  # the floor: instance_count
+    endpoint, _ = one(created, "AWS::SageMaker::Endpoint")
+    assert endpoint in as_list(scalable.get("DependsOn", []))  # registered once the variant exists
+    _, policy = one(created, "AWS::ApplicationAutoScaling::ScalingPolicy")
+    assert policy["PolicyType"] == "TargetTrackingScaling"
+    assert policy["ScalingTargetId"] == {"Ref": name}
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert tracking["PredefinedMetricSpecification"] == {
+        "PredefinedMetricType": "SageMakerVariantInvocationsPerInstance"
+    }
+    assert (tracking["TargetValue"], tracking["ScaleOutCooldown"], tracking["ScaleInCooldown"]) == (30, 60, 300)
+    assert resources(existing, "AWS::ApplicationAutoScaling::ScalableTarget") == {}  # not asked for: none
+
+
+def test_autoscaling_bounds_come_from_context_and_are_checked(stack_module: Any) -> None:
+    import aws_cdk as cdk
+
+    config = stack_module.StackConfig.from_context(
+        cdk.App(context={"endpoint_name": "ep", "min_instances": "2", "max_instances": "6"})
+    )
+    assert (config.min_instances, config.max_instances, config.invocations_per_instance) == (2, 6, 20.0)
+    for bad in ({"min_instances": "3", "max_instances": "2"}, {"min_instances": "0", "max_instances": "2"}):
+        with pytest.raises(ValueError, match="min_instances <= max_instances"):
+            stack_module.StackConfig.from_context(cdk.App(context={"endpoint_name": "ep", **bad}))
 
 
 # -- the functions -------------------------------------------------------------------------------------
