@@ -245,8 +245,8 @@ class Settings(BaseSettings):
         15.0,
         ge=1,
         le=3600,
-        description="Job store postgres: how long a job's lease lasts (its node renews it every third of that); "
-        "another node takes over a job whose lease expired (its node died).",
+        description="Job store postgres: how long a node's lease on its jobs lasts (renewed every second, or every "
+        "third of it when shorter); the other nodes take over the jobs of a node whose lease ran out.",
     )
     dynamodb_table: str | None = Field(
         None, description="DynamoDB table of job records (job store dynamodb); TTL on expires_at."
