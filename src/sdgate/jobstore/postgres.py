@@ -23,7 +23,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from sdgate import postgres
-from sdgate.jobstore.record import DuplicateJob, JobRecord, NodeReport, record_from_json, record_to_json
+from sdgate.jobstore.record import DuplicateJob, JobRecord, NodeReport, list_query, record_from_json, record_to_json
 from sdgate.schemas import JobStatus
 
 if TYPE_CHECKING:
@@ -157,16 +157,7 @@ class PostgresJobStore:
         return None if row is None else _decode(row[0], row[1])
 
     def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
-        sql = "SELECT body, step FROM jobs WHERE true"
-        args: list[Any] = []
-        if owner is not None:
-            sql += " AND owner = %s"
-            args.append(owner)
-        if before is not None:
-            sql += " AND created < %s"
-            args.append(before)
-        sql += " ORDER BY created DESC LIMIT %s"
-        args.append(limit)
+        sql, args = list_query("SELECT body, step FROM jobs", owner=owner, limit=limit, before=before, mark="%s")
         with self._pool.connection() as conn:
             rows = conn.execute(sql, args).fetchall()
         return [_decode(body, step) for body, step in rows]

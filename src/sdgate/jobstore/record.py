@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from pydantic import BaseModel, Field
 
@@ -35,6 +35,22 @@ class JobRecord(BaseModel):
 
 class DuplicateJob(ValueError):
     """A record with this id exists already (ids are random: this is a bug, never a user error)."""
+
+
+def list_query(
+    table_sql: str, *, owner: str | None, limit: int, before: float | None, mark: str
+) -> tuple[str, list[Any]]:
+    """The SQL stores' ``list_jobs`` query: ``table_sql`` (``SELECT ... FROM jobs``) filtered by owner and
+    ``before``, newest first; ``mark`` is the driver's placeholder (``?`` or ``%s``)."""
+    sql = table_sql + " WHERE 1=1"
+    args: list[Any] = []
+    if owner is not None:
+        sql += f" AND owner = {mark}"
+        args.append(owner)
+    if before is not None:
+        sql += f" AND created < {mark}"
+        args.append(before)
+    return sql + f" ORDER BY created DESC LIMIT {mark}", [*args, limit]
 
 
 def record_to_json(record: JobRecord) -> str:

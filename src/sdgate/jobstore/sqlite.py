@@ -10,9 +10,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 from pathlib import Path
-from typing import Any
 
-from sdgate.jobstore.record import DuplicateJob, JobRecord, record_from_json, record_to_json
+from sdgate.jobstore.record import DuplicateJob, JobRecord, list_query, record_from_json, record_to_json
 from sdgate.schemas import JobStatus
 
 
@@ -125,16 +124,7 @@ class SqliteJobStore:
         return None if row is None else self._decode(row)
 
     def list_jobs(self, *, owner: str | None, limit: int, before: float | None) -> list[JobRecord]:
-        sql = "SELECT body FROM jobs WHERE 1=1"
-        args: list[Any] = []
-        if owner is not None:
-            sql += " AND owner = ?"
-            args.append(owner)
-        if before is not None:
-            sql += " AND created < ?"
-            args.append(before)
-        sql += " ORDER BY created DESC LIMIT ?"
-        args.append(limit)
+        sql, args = list_query("SELECT body FROM jobs", owner=owner, limit=limit, before=before, mark="?")
         with self._lock:
             rows = self._db.execute(sql, args).fetchall()
         return [self._decode(r) for r in rows]
