@@ -94,6 +94,7 @@ def test_a_job_made_on_one_node_is_read_from_the_other_with_its_images(nodes: No
     assert seen["params"]["prompt"] == "a fox"
     image = httpx.get(seen["images"][0]["url"].replace(nodes.a.url, nodes.b.url), timeout=30)
     assert image.status_code == 200 and image.content[:8] == b"\x89PNG\r\n\x1a\n"
+    assert image.headers["access-control-allow-origin"] == "*"  # readable from any page (the playground's too)
     listed = httpx.get(f"{nodes.b.url}/v1/jobs", headers=nodes.headers(), timeout=30).json()["data"]
     assert job["id"] in [j["id"] for j in listed]
 

@@ -27,7 +27,14 @@ async def get_image(key: str, request: Request, ctx: Ctx) -> Response:
     content_type = CONTENT_TYPES[key.rsplit(".", 1)[-1]]
     # The key holds 128 random bits and its bytes never change: it is a perfect entity tag.
     etag = '"' + key.rsplit("/", 1)[-1].split(".")[0] + '"'
-    headers = {"Cache-Control": _CACHE, "ETag": etag, "X-Content-Type-Options": "nosniff"}
+    # Readable from any page (the playground on another origin, a user's own app): the URL is a public,
+    # unguessable capability already, and reading it sends no credentials.
+    headers = {
+        "Cache-Control": _CACHE,
+        "ETag": etag,
+        "X-Content-Type-Options": "nosniff",
+        "Access-Control-Allow-Origin": "*",
+    }
     if etag in request.headers.get("if-none-match", ""):
         return Response(status_code=304, headers=headers)
     return FileResponse(path, media_type=content_type, headers=headers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from functools import cache
 from importlib.resources import files
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -29,10 +30,13 @@ PREFIX = "/playground/"
 """Where the page's own files are served (``/`` is ``index.html``)."""
 
 # Scripts and styles from this server only; images from anywhere (the storage may be S3 or a CDN),
-# ``blob:`` and ``data:`` for the input image, the mask and the live previews; API calls to this server.
+# ``blob:`` and ``data:`` for the input image, the mask and the live previews; API calls to this server,
+# and reads of its images where they are served from elsewhere ("Use as input" fetches one).
+_POLICY = (
+    "default-src 'self'; img-src * data: blob:; connect-src 'self'{images}; "
+    "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+)
 _HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src * data: blob:; connect-src 'self'; "
-    "style-src 'self'; script-src 'self'; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
     # Revalidated on every load (a 304 when unchanged), so an upgraded server never serves a stale page.
@@ -46,9 +50,20 @@ def _asset(name: str) -> tuple[bytes, str]:
     return data, '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
 
 
+def _policy(request: Request) -> str:
+    """The page's Content-Security-Policy: ``connect-src`` also names where images are served from, when that
+    is another origin (``SDGATE_PUBLIC_BASE_URL``: a CDN or a bucket; it must answer with CORS headers)."""
+    base = request.app.state.ctx.settings.public_base_url
+    images = ""
+    if base:
+        parts = urlsplit(base)
+        images = f" {parts.scheme}://{parts.netloc}"
+    return _POLICY.format(images=images)
+
+
 def _serve(name: str, request: Request) -> Response:
     data, etag = _asset(name)
-    headers = {**_HEADERS, "ETag": etag}
+    headers = {**_HEADERS, "ETag": etag, "Content-Security-Policy": _policy(request)}
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers=headers)
     return Response(data, media_type=ASSETS[name], headers=headers)

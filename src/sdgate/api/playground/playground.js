@@ -12,6 +12,7 @@ const state = {
   key: localStorage.getItem(KEY_STORAGE) || "",
   models: [],
   jobId: null,
+  busy: false, // a generation is being sent or followed
   stream: null, // AbortController of the events stream being read
   lastSeed: null,
   input: null, // {blob, width, height, url}: the image to start from
@@ -62,9 +63,9 @@ function explain(err) {
   if (!(err instanceof ApiError)) return "Something went wrong in the page: " + err.message;
   switch (err.status) {
     case 401:
-      return "This server needs a valid API key. " + err.message;
+      return "This server needs a valid API key: " + err.message + ".";
     case 403:
-      return "This API key may not do that (revoked?). " + err.message;
+      return "This API key may not do that: " + err.message + ".";
     case 429: {
       const wait = err.retryAfter ? ` Try again in ${err.retryAfter} s.` : "";
       return "Slow down: " + err.message + wait;
@@ -149,6 +150,16 @@ async function loadModels() {
     ...state.models.map((m) => new Option(m.id + (m.loaded ? "" : " (loads on first use)"), m.id, m.default, m.default)),
   );
   applyModelDefaults();
+}
+
+/** A model that just ran is in memory now: its option loses "(loads on first use)". */
+function markLoaded(id) {
+  const model = state.models.find((m) => m.id === id);
+  const option = [...$("model").options].find((o) => o.value === id);
+  if (model && option && !model.loaded) {
+    model.loaded = true;
+    option.textContent = id;
+  }
 }
 
 function currentModel() {
@@ -378,7 +389,18 @@ async function requestBody() {
 
 async function generate(event) {
   event.preventDefault();
-  if (state.jobId) return;
+  // Busy from the first moment, not from the POST's answer: a second Ctrl+Enter (or a held key) in
+  // between would otherwise send a second job and spend the key's quota twice.
+  if (state.busy) return;
+  state.busy = true;
+  try {
+    await submitJob();
+  } finally {
+    state.busy = false;
+  }
+}
+
+async function submitJob() {
   showMessage("");
   markInvalid(null);
   if (!$("prompt").value.trim()) {
@@ -491,6 +513,7 @@ function showJob(job, name) {
     }
     case "succeeded":
       setStatus(`Done in ${(job.timings.total / 1000).toFixed(1)} s.`, 1, 1);
+      markLoaded(job.model);
       $("preview").hidden = true;
       showResults(job);
       if (job.params) {
