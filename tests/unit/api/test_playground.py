@@ -92,7 +92,7 @@ def test_a_jobs_params_hold_every_default_to_run_it_again(open_gate: OpenGate) -
 
 
 def test_images_served_elsewhere_may_be_read_by_the_page(open_gate: OpenGate) -> None:
-    """"Use as input" fetches an image: its origin is in the page's connect-src when it is not this server."""
+    """Use as input fetches an image: its origin is in the page's connect-src when it is not this server."""
     gate = open_gate(public_base_url="https://cdn.example.com/sdgate")
     policy = gate.client.get("/").headers["content-security-policy"]
     assert "connect-src 'self' https://cdn.example.com;" in policy
