@@ -19,7 +19,7 @@ $(VENV)/.installed: $(BIN)/python pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[engine,aws,postgres,test]"
+	$(BIN)/python -m pip install -q -e ".[engine,aws,postgres,ray,test]"
 	touch $@
 
 serve: $(VENV)/.installed

@@ -183,7 +183,8 @@ class Settings(BaseSettings):
     backend_url: str | None = Field(None, description="Base URL of another sdgate / JumpStart server (backend http).")
     backend_timeout_s: float = Field(300.0, gt=0, description="Timeout for one remote generation.")
     ray_address: str = Field(
-        "auto", description="Ray cluster (backend ray): auto (the running one, else a local one), or ray://host:10001."
+        "auto",
+        description="Ray cluster (backend ray): auto (the one this machine is in, else a local one), or HOST:6379.",
     )
     ray_replicas: int | None = Field(None, ge=1, description="Fixed engine replica count (backend ray).")
     ray_min_replicas: int | None = Field(None, ge=0, description="Autoscaling: fewest engine replicas (backend ray).")
@@ -333,6 +334,8 @@ class Settings(BaseSettings):
             raise ValueError("job store 'dynamodb' needs SDGATE_DYNAMODB_TABLE (the table name)")
         if self.job_store == "postgres" and not self.postgres_url:
             raise ValueError("job store 'postgres' needs SDGATE_POSTGRES_URL (e.g. postgresql://user@host/db)")
+        if self.ray_replicas is not None and (self.ray_min_replicas is not None or self.ray_max_replicas is not None):
+            raise ValueError("set SDGATE_RAY_REPLICAS or SDGATE_RAY_MIN_REPLICAS/SDGATE_RAY_MAX_REPLICAS, not both")
         if (
             self.ray_min_replicas is not None
             and self.ray_max_replicas is not None

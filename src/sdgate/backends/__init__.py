@@ -1,4 +1,5 @@
-"""Where a generation runs: in process (``local``), on a SageMaker endpoint, or on another server (``http``).
+"""Where a generation runs: in process (``local``), on a SageMaker endpoint, on another server (``http``), or on
+the replicas of a Ray Serve deployment (``ray``).
 
 Every backend implements the small :class:`Backend` protocol; the rest of sdgate never knows which.
 """
@@ -92,6 +93,10 @@ def create_backend(settings: Settings) -> Backend:
         from sdgate.backends.http import HttpBackend
 
         return HttpBackend(settings)
+    if settings.backend == "ray":
+        from sdgate.backends.ray import RayBackend
+
+        return RayBackend(settings)
     from sdgate.backends.local import LocalBackend
 
     return LocalBackend(settings)
