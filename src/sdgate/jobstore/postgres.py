@@ -167,18 +167,7 @@ class PostgresJobStore:
 
         Not the live nodes' jobs: they are running them. Each orphan goes to exactly one node.
         """
-        now = time.time()
-        with self._pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT j.id, j.body FROM jobs j WHERE j.status IN ('queued', 'running') "
-                "AND (j.node IS NULL OR j.node <> %s) "
-                "AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = j.node AND n.lease_until > %s) "
-                "ORDER BY j.created LIMIT %s FOR UPDATE OF j SKIP LOCKED",
-                (self.node_id, now, _ORPHANS_AT_ONCE),
-            ).fetchall()
-            if rows:
-                conn.execute("UPDATE jobs SET node = %s WHERE id = ANY(%s)", (self.node_id, [r[0] for r in rows]))
-        return [_decode(body) for _, body in rows]
+        return self._take_over("j.status IN ('queued', 'running')", (), limit=_ORPHANS_AT_ONCE)
 
     def older_than(self, cutoff: float, limit: int = 500) -> list[JobRecord]:
         with self._pool.connection() as conn:
@@ -192,14 +181,23 @@ class PostgresJobStore:
     def finished_since(self, cutoff: float) -> list[JobRecord]:
         """Takes over the ended jobs since ``cutoff`` of nodes that are gone, oldest first: recovery delivers
         the webhooks they still owed. A live node's jobs are not touched; each goes to one node, once."""
+        return self._take_over("j.created >= %s AND j.status IN ('succeeded', 'failed', 'canceled')", (cutoff,))
+
+    def _take_over(self, where: str, args: tuple[Any, ...], limit: int | None = None) -> list[JobRecord]:
+        """The jobs matching ``where`` whose node is gone, oldest first, made this node's in one transaction.
+
+        ``FOR UPDATE SKIP LOCKED``: nodes that sweep at the same moment each get other rows, never the same.
+        """
+        sql = (
+            f"SELECT j.id, j.body FROM jobs j WHERE {where} AND (j.node IS NULL OR j.node <> %s) "
+            "AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = j.node AND n.lease_until > %s) ORDER BY j.created"
+        )
+        params: tuple[Any, ...] = (*args, self.node_id, time.time())
+        if limit is not None:
+            sql += " LIMIT %s"
+            params = (*params, limit)
         with self._pool.connection() as conn, conn.transaction():
-            rows = conn.execute(
-                "SELECT j.id, j.body FROM jobs j WHERE j.created >= %s "
-                "AND j.status IN ('succeeded', 'failed', 'canceled') AND (j.node IS NULL OR j.node <> %s) "
-                "AND NOT EXISTS (SELECT 1 FROM nodes n WHERE n.id = j.node AND n.lease_until > %s) "
-                "ORDER BY j.created FOR UPDATE OF j SKIP LOCKED",
-                (cutoff, self.node_id, time.time()),
-            ).fetchall()
+            rows = conn.execute(sql + " FOR UPDATE OF j SKIP LOCKED", params).fetchall()
             if rows:
                 conn.execute("UPDATE jobs SET node = %s WHERE id = ANY(%s)", (self.node_id, [r[0] for r in rows]))
         return [_decode(body) for _, body in rows]
