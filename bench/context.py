@@ -61,6 +61,8 @@ SMOKE = Budget(
 )
 
 
+PAYLOAD_SERVER = "sdgate-demo"
+"""The payload scenario's server: the built-in demo model, whose images are smooth like a real model's."""
 SWITCH_SERVERS = {"sdgate-models-1": 1, "sdgate-models-2": 2}
 """The switching scenario's servers (both models, the LoRAs) by their SDGATE_MAX_LOADED_MODELS."""
 
@@ -108,6 +110,8 @@ class Context:
             else:
                 batch = 1 if name == "sdgate-nobatch" else 8
                 extra = {"SDGATE_TORCH_THREADS": str(self.torch_threads)}  # the peers' and the baseline's
+                if name == PAYLOAD_SERVER:
+                    extra["SDGATE_MODEL"] = "demo"
                 if name in SWITCH_SERVERS:
                     assets = self.switch_assets
                     extra |= {

@@ -144,7 +144,7 @@ class MemoryStorage:
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, str]] = {}
 
-    def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
+    def put(self, data: bytes, key: str, content_type: str, *, durable: bool = True) -> StoredObject:
         if not is_valid_key(key):
             raise ValueError(f"invalid storage key {key!r}")
         self.objects[key] = (data, content_type)

@@ -38,6 +38,8 @@ class ScriptedPipeline:
         self.release = threading.Event()
         self.calls: list[list[str]] = []
         self.schedulers: list[Any] = []
+        # Prompts, not their embeddings, so that calls can be told apart: no reuse of text embeddings here.
+        self.encode_prompt = None
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)

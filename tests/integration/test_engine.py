@@ -239,3 +239,56 @@ def test_the_model_runs_with_the_configured_number_of_cpu_threads(
         engine.close()
         torch.set_num_threads(original)  # the count is process-wide: leave it as the other tests found it
     assert seen and set(seen) == {original if expected == "torch" else expected}
+
+
+def test_a_prompt_asked_again_reuses_its_text_embedding_and_the_image_is_the_pipelines_own(
+    tiny_model: LoadedModel, tmp_path: Path
+) -> None:
+    import torch
+
+    settings = Settings(data_dir=tmp_path, model="tiny", device="cpu", warmup=False, max_batch_wait_ms=0)
+    engine = started_engine(settings, loader_for(tiny_model, tiny_model.pipeline))
+    lake = params(settings, prompt="a calm lake", negative_prompt="fog", seed=5)
+    try:
+        first = engine.submit(lake).result(TIMEOUT).images[0]
+        cache = engine.models.get_resident(engine.model_name).prompts
+        assert (cache.misses, cache.hits) == (2, 0)  # the prompt and the negative prompt, each encoded once
+        engine.submit(dataclasses.replace(lake, seeds=(6, 7))).result(TIMEOUT)
+        assert (cache.misses, cache.hits) == (2, 4)  # two images: each row's texts come from the cache
+        engine.submit(params(settings, prompt="a stormy sea", negative_prompt="fog", seed=5)).result(TIMEOUT)
+        assert (cache.misses, cache.hits) == (3, 5)
+        scheduler = tiny_model.pipeline.scheduler  # the one the engine's calls used
+    finally:
+        engine.close()
+    # The pipeline encoding the texts itself, as it does without sdgate, makes the very same pixels.
+    tiny_model.pipeline.scheduler = scheduler
+    with torch.inference_mode():
+        [own] = tiny_model.pipeline(
+            prompt=["a calm lake"],
+            negative_prompt=["fog"],
+            width=64,
+            height=64,
+            num_inference_steps=lake.num_inference_steps,
+            guidance_scale=lake.guidance_scale,
+            generator=[torch.Generator(device="cpu").manual_seed(5)],
+            output_type="pil",
+        ).images
+    assert np.array_equal(pixels(first.image), pixels(own))
+
+
+def test_the_text_embeddings_kept_are_the_most_recent_texts_up_to_the_bound(tiny_model: LoadedModel) -> None:
+    from sdgate.engine.prompts import PromptEmbeddings
+
+    cache = PromptEmbeddings(tiny_model.pipeline, size=2)
+    rows = cache.rows(["a", "b", "a"])
+    assert rows.shape[0] == 3 and torch_equal(rows[0], rows[2])
+    assert (cache.misses, cache.hits, len(cache)) == (2, 1, 2)
+    cache.rows(["c"])  # "b" is the least recently used: it goes
+    cache.rows(["a"])
+    assert (cache.misses, cache.hits, len(cache)) == (3, 2, 2)
+    cache.rows(["b"])
+    assert cache.misses == 4
+
+
+def torch_equal(a: Any, b: Any) -> bool:
+    return bool((a == b).all())

@@ -185,10 +185,10 @@ def test_settings_pick_s3_and_the_standard_aws_endpoint_variable(
 class _ImagesFail(S3Storage):
     """S3 that refuses image writes (as a full or failing store would), and accepts the rest."""
 
-    def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
+    def put(self, data: bytes, key: str, content_type: str, *, durable: bool = True) -> StoredObject:
         if content_type.startswith("image/"):
             raise StorageError("could not store the image: simulated S3 outage")
-        return super().put(data, key, content_type)
+        return super().put(data, key, content_type, durable=durable)
 
 
 def test_a_failed_image_write_leaves_no_sidecar(s3_server: str, s3: S3Client, bucket: str, tmp_path: Path) -> None:

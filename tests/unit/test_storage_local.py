@@ -103,6 +103,32 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
     assert leftovers(storage.root) == []
 
 
+def test_a_durable_write_is_fsynced_before_its_rename_and_a_non_durable_one_is_not(
+    storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src: str, dst: str) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    image, sidecar = new_key("jpeg"), new_key("jpeg")
+    storage.put(b"image", image, "image/jpeg")
+    assert events == ["fsync", "rename"]
+    events.clear()
+    storage.put(b"{}", sidecar, "application/json", durable=False)
+    assert events == ["rename"]  # still atomic for readers: whole or absent
+    assert (storage.root / sidecar).read_bytes() == b"{}"
+    assert leftovers(storage.root) == []
+
+
 def test_a_failed_write_keeps_the_previous_bytes(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
     key = new_key("png")
     storage.put(b"old", key, "image/png")

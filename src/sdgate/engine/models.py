@@ -36,6 +36,7 @@ class Resident:
     """Its layers' sizes, read before any adapter wrapped them (what LoRAs are checked against)."""
     adapters: Any = None  # sdgate.engine.loras.Adapters: the LoRAs loaded into it
     previewer: Any = None  # sdgate.engine.previews.LatentPreviewer, fitted when a preview is first wanted
+    prompts: Any = None  # sdgate.engine.prompts.PromptEmbeddings: its recent prompts' text embeddings
 
     @property
     def defaults(self) -> ModelDefaults:

@@ -21,6 +21,7 @@ from typing import Any
 
 from PIL import Image
 
+from sdgate.engine.prompts import PromptEmbeddings
 from sdgate.imaging import repaint_overlay
 from sdgate.schemas import Mode
 
@@ -72,8 +73,12 @@ class Pipelines:
         images: list[Image.Image] | None,
         masks: list[Image.Image] | None,
         on_step: StepFn | None,
+        embeddings: PromptEmbeddings | None = None,
     ) -> list[Image.Image]:
-        """One pipeline call for a batch of rows; ``images`` and ``masks`` have a row each (for their modes)."""
+        """One pipeline call for a batch of rows; ``images`` and ``masks`` have a row each (for their modes).
+
+        With ``embeddings`` (usable for this model), the prompts' text embeddings come from there.
+        """
         pipe = self.get(mode)
         pipe.scheduler = scheduler
         kwargs: dict[str, Any] = {}
@@ -99,9 +104,11 @@ class Pipelines:
             kwargs.update(width=width, height=height)
             if sized_masks is not None:
                 kwargs.update(image=sized, mask_image=sized_masks, strength=strength)
+        if embeddings is not None and embeddings.usable:
+            kwargs.update(prompt_embeds=embeddings.rows(prompts), negative_prompt_embeds=embeddings.rows(negatives))
+        else:
+            kwargs.update(prompt=prompts, negative_prompt=negatives)
         out = pipe(
-            prompt=prompts,
-            negative_prompt=negatives,
             num_inference_steps=steps,
             guidance_scale=guidance,
             generator=generators,

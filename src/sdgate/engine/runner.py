@@ -23,6 +23,7 @@ from sdgate.backends import BackendState
 from sdgate.config import ModelEntry, Settings
 from sdgate.engine.loras import LoraError, LoraLibrary, Shapes, misfit, resolve
 from sdgate.engine.models import ModelPool, Resident, default_max_loaded
+from sdgate.engine.prompts import PromptEmbeddings
 from sdgate.errors import Canceled, GenerationFailed, InvalidRequest, NotReady, new_error_id
 from sdgate.schemas import (
     LOADING_STEP,
@@ -258,6 +259,7 @@ class Engine:
             SchedulerCache(pipe),
             shapes=shapes,
             adapters=Adapters(pipe, self.settings.max_loaded_loras),
+            prompts=PromptEmbeddings(pipe),
         )
 
     def _peek(self, entry: ModelEntry) -> ModelDefaults:
@@ -601,6 +603,8 @@ class Engine:
         generators = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         resident = self._resident
         assert resident is not None, "a batch runs on the model _use() made resident"
+        # A LoRA that is on may change the text encoder: its batches encode their prompts themselves.
+        lora_on = resident.adapters is not None and resident.adapters.on
         with torch.inference_mode():
             made: list[Any] = resident.pipes.run(
                 mode,
@@ -616,6 +620,7 @@ class Engine:
                 images=images,
                 masks=masks,
                 on_step=on_step,
+                embeddings=None if lora_on else resident.prompts,
             )
         return made
 

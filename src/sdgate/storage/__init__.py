@@ -68,8 +68,12 @@ class Storage(Protocol):
 
     name: str
 
-    def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
-        """Store ``data`` atomically under ``key``; raise :class:`sdgate.errors.StorageError` on failure."""
+    def put(self, data: bytes, key: str, content_type: str, *, durable: bool = True) -> StoredObject:
+        """Store ``data`` atomically under ``key``; raise :class:`sdgate.errors.StorageError` on failure.
+
+        ``durable``: on the device before it returns (a power cut cannot take it back). False for what
+        can be lost without breaking a promise (a sidecar: the image file embeds the same parameters).
+        """
         ...
 
     def get(self, key: str) -> bytes:

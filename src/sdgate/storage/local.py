@@ -11,7 +11,11 @@ from sdgate.storage import StoredObject, is_valid_key
 
 
 class LocalStorage:
-    """A directory of images. Writes are atomic: temp file in the same directory, fsync, rename."""
+    """A directory of images. Writes are atomic: temp file in the same directory, fsync, rename.
+
+    A write that need not be durable skips the fsync (about a millisecond on a local SSD): the rename
+    still makes it appear whole or not at all to readers, but a power cut may lose it.
+    """
 
     name = "local"
 
@@ -30,7 +34,7 @@ class LocalStorage:
             return f"{self.public_base_url}/{key}"
         return f"/images/{key}"
 
-    def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
+    def put(self, data: bytes, key: str, content_type: str, *, durable: bool = True) -> StoredObject:
         path = self.path_for(key)
         if path is None:
             raise ValueError(f"invalid storage key {key!r}")
@@ -40,8 +44,9 @@ class LocalStorage:
             try:
                 with os.fdopen(fd, "wb") as f:
                     f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
+                    if durable:
+                        f.flush()
+                        os.fsync(f.fileno())
                 os.replace(tmp, path)
             except BaseException:
                 Path(tmp).unlink(missing_ok=True)

@@ -61,7 +61,8 @@ class S3Storage:
         )
         return url
 
-    def put(self, data: bytes, key: str, content_type: str) -> StoredObject:
+    def put(self, data: bytes, key: str, content_type: str, *, durable: bool = True) -> StoredObject:
+        # S3 acknowledges a PUT once it is stored durably: there is no cheaper kind of write to ask for.
         from botocore.exceptions import BotoCoreError, ClientError
 
         if not is_valid_key(key):
