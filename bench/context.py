@@ -30,7 +30,10 @@ class Budget:
     seconds apart), and more turns spread that drift over every system alike."""
     overhead_sizes: tuple[int, int] = (512, 64)
     """The large and the small size of the overhead scenario (the goals: ≤ 1.03 and ≤ 1.05)."""
-    overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 3, 64: 10})
+    overhead_calls: dict[int, int] = field(default_factory=lambda: {512: 12, 64: 40})
+    """Requests per system at each size of the overhead scenario, one per round (paired a moment apart)."""
+    single_client_calls: int = 40
+    """Requests per system in the one-client row of the peers scenario, one per round."""
     peer_large: int = 256
     """The larger size of the peers scenario (the smaller is 64x64)."""
     clients: tuple[int, ...] = (1, 4, 8, 16)
@@ -51,6 +54,7 @@ SMOKE = Budget(
     rounds=1,
     overhead_sizes=(128, 64),
     overhead_calls={128: 1, 64: 2},
+    single_client_calls=2,
     peer_large=128,
     clients=(1, 8),
     warmup_s={64: 0.2, 128: 0.2},
@@ -151,24 +155,33 @@ Arm = tuple[str | None, Measure]
 """A system in a comparison: the server it loads (None: the pipeline in process) and its measurement."""
 
 
-def interleave(ctx: Context, label: str, arms: dict[str, Arm]) -> dict[str, LoadResult]:
-    """Give every arm one turn per round, odd rounds in reverse order; merge each arm's turns."""
+def interleave(ctx: Context, label: str, arms: dict[str, Arm], rounds: int | None = None) -> dict[str, LoadResult]:
+    """Give every arm one turn per round, odd rounds in reverse order; merge each arm's turns.
+
+    ``rounds``: the budget's unless given. Many rounds of one request each pair the systems' requests
+    a fraction of a second apart, where this machine's drift (seconds long) hits them alike.
+    """
     merged: dict[str, LoadResult] = {}
     names = list(arms)
-    for r in range(ctx.budget.rounds):
+    rounds = ctx.budget.rounds if rounds is None else rounds
+    for r in range(rounds):
         for name in names if r % 2 == 0 else reversed(names):
             server_name, measure = arms[name]
             ctx.focus(server_name)
             result = measure(r)
-            ctx.say(
-                f"  {label} · {name} · round {r + 1}: {result.images_per_s:.1f} images/s, "
-                f"p50 {result.latencies.p50 * 1000:.0f} ms"
-            )
+            if rounds <= ctx.budget.rounds:
+                ctx.say(
+                    f"  {label} · {name} · round {r + 1}: {result.images_per_s:.1f} images/s, "
+                    f"p50 {result.latencies.p50 * 1000:.0f} ms"
+                )
             if name in merged:
                 merged[name].merge(result)
             else:
                 merged[name] = result
     ctx.focus(None)
+    if rounds > ctx.budget.rounds:
+        for name, result in merged.items():
+            ctx.say(f"  {label} · {name} · {rounds} rounds: p50 {result.latencies.p50 * 1000:.0f} ms")
     return merged
 
 
@@ -196,9 +209,13 @@ def load_arm(server: servers.Server, shape: Shape, clients: int, warmup_s: float
 
 
 def sequential_arm(
-    client: httpx.Client, server: servers.Server, shape: Shape, n: int, answers: list[dict[str, object]]
+    client: httpx.Client,
+    server: servers.Server,
+    shape: Shape,
+    n: int,
+    answers: list[dict[str, object]] | None = None,
 ) -> Measure:
-    """``n`` requests one at a time; their JSON answers go to ``answers``."""
+    """``n`` requests one at a time; with ``answers``, their JSON answers go there."""
 
     def measure(r: int) -> LoadResult:
         return LoadResult(1, 1, sequential(client, server.generate_url, shape.body, n, r * n, answers))
