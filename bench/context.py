@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from bench import servers
-from bench.load import LoadResult, closed_loop, sequential
+from bench.load import Body, LoadResult, closed_loop, sequential
 from bench.pipeline import BarePipeline, Shape
 
 
@@ -193,13 +193,24 @@ def engine_counters(server: servers.Server) -> tuple[float, float]:
     return (float(images.group(1)) if images else 0.0, float(calls.group(1)) if calls else 0.0)
 
 
-def load_arm(server: servers.Server, shape: Shape, clients: int, warmup_s: float, window_s: float) -> Measure:
-    """Closed-loop clients against a server; for sdgate also the images per pipeline call it reports."""
+def load_arm(
+    server: servers.Server,
+    shape: Shape,
+    clients: int,
+    warmup_s: float,
+    window_s: float,
+    body: Body | None = None,
+) -> Measure:
+    """Closed-loop clients against a server; for sdgate also the images per pipeline call it reports.
+
+    ``body``: request ``i``'s JSON body, ``shape.body`` unless given.
+    """
     is_sdgate = server.generate_path == "/v1/generations"
+    body = shape.body if body is None else body
 
     def measure(_r: int) -> LoadResult:
         before = engine_counters(server) if is_sdgate else (0.0, 0.0)
-        result = closed_loop(server.generate_url, shape.body, clients=clients, warmup_s=warmup_s, window_s=window_s)
+        result = closed_loop(server.generate_url, body, clients=clients, warmup_s=warmup_s, window_s=window_s)
         if is_sdgate:
             after = engine_counters(server)
             result.engine_images, result.engine_calls = after[0] - before[0], after[1] - before[1]

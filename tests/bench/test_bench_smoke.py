@@ -42,6 +42,7 @@ def test_every_scenario_runs_and_the_report_has_every_goal(tmp_path: Path) -> No
         "## Switching models: one client at 64x64",
         "## Switching LoRAs: one client at 64x64",
         "## Previews: what a live preview costs",
+        "## Image inputs: 8 clients at 64x64",
         "## GPU",
     ):
         assert title in report
@@ -58,5 +59,5 @@ def test_a_partial_run_names_the_scenarios_it_knows() -> None:
         [sys.executable, "-m", "bench", "--only", "nonsense"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 2
-    known = "overhead, concurrency, payload, peers, memory, switching, previews"
+    known = "overhead, concurrency, payload, peers, memory, switching, previews, inputs"
     assert f"unknown scenario nonsense; choose from {known}" in proc.stderr
