@@ -118,7 +118,7 @@ def overhead(ctx: Context) -> Outcome:
                 f"sdgate took {(http.p50 - direct.p50) * 1000:.1f} ms more than the {direct.p50 * 1000:.1f} ms "
                 f"pipeline call in process (p50). Its own timings: the same call {stage['inference']:.1f} ms "
                 "inside sdgate, "
-                f"storing the JPEG and its sidecar {stage['store']:.1f} ms (two fsynced files), encoding "
+                f"storing the JPEG and its sidecar {stage['store']:.1f} ms (one fsync, the image's), encoding "
                 f"{stage['encode']:.1f} ms, and {rest:.1f} ms for HTTP on loopback, validation, the SQLite job "
                 "record and the answer, with the load generator on the same two cores."
             )
