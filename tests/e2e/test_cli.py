@@ -14,8 +14,9 @@ import pytest
 from PIL import Image
 
 from sdgate.imaging import read_metadata
+from tests import background
 from tests.loras import build_lora
-from tests.server import ServerProcess, free_port
+from tests.server import ServerProcess, free_port, tiny_model_dir
 
 Completed = subprocess.CompletedProcess[str]
 
@@ -65,13 +66,22 @@ def pixels(path: Path) -> np.ndarray:
 FOX = ["a red fox", "--width", "64", "--height", "64", "--steps", "2", "--seed", "1"]
 
 
-@pytest.fixture(scope="module")
-def in_process(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Completed, Path]:
-    """``sdgate generate`` in process, once for the module: the command and the image it wrote."""
-    root = tmp_path_factory.mktemp("cli")
-    data_dir = with_tiny(root / "data", tiny_model_dir)
+# The commands that load a model (seconds of imports each) run in the background, while the modules
+# before this one run (tests/background.py); the tests check what they printed and wrote.
+
+
+def _fox_in_process() -> tuple[Completed, Path]:
+    root = background.workdir("cli")
+    data_dir = with_tiny(root / "data", tiny_model_dir())
     out = root / "out.png"
     return sdgate(data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:]), out
+
+
+@pytest.fixture(scope="module")
+def in_process() -> tuple[Completed, Path]:
+    """``sdgate generate`` in process, once for the module: the command and the image it wrote."""
+    made: tuple[Completed, Path] = background.get("cli_fox", _fox_in_process)
+    return made
 
 
 def test_generate_in_process_writes_the_image_and_prints_the_seed(
@@ -187,15 +197,20 @@ def kept() -> np.ndarray:
     return keep
 
 
-@pytest.fixture(scope="module")
-def inpainted_in_process(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> tuple[Completed, Path]:
-    """``sdgate generate --image --mask --strength`` in process, once for the module."""
-    root = tmp_path_factory.mktemp("cli-inpaint")
-    data_dir = with_tiny(root / "data", tiny_model_dir)
+def _inpainted_in_process() -> tuple[Completed, Path]:
+    root = background.workdir("cli-inpaint")
+    data_dir = with_tiny(root / "data", tiny_model_dir())
     image, mask = write_inputs(root)
     out = root / "out.png"
     args = ["-o", str(out), "--image", str(image), "--mask", str(mask), *INPAINT[1:]]
     return sdgate(data_dir, "generate", INPAINT[0], *args), out
+
+
+@pytest.fixture(scope="module")
+def inpainted_in_process() -> tuple[Completed, Path]:
+    """``sdgate generate --image --mask --strength`` in process, once for the module."""
+    made: tuple[Completed, Path] = background.get("cli_inpaint", _inpainted_in_process)
+    return made
 
 
 def test_generate_with_image_and_mask_in_process_keeps_the_unmasked_area(
@@ -289,22 +304,46 @@ def test_a_bad_image_file_is_refused_before_any_model_work(data_dir: Path) -> No
 # -- LoRAs: --lora NAME[:WEIGHT] -------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def lora_data_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+def _lora_data_dir() -> Path:
     """A data directory with the tiny model and ``ink``, a LoRA for it, in its default LoRA directory."""
-    data_dir = with_tiny(tmp_path_factory.mktemp("cli-lora") / "data", tiny_model_dir)
-    build_lora(tiny_model_dir, data_dir / "loras" / "ink.safetensors", seed=3)
+    model = tiny_model_dir()
+    data_dir = with_tiny(background.workdir("cli-lora") / "data", model)
+    build_lora(model, data_dir / "loras" / "ink.safetensors", seed=3)
     return data_dir
 
 
-def test_generate_with_a_lora_in_process_changes_the_image_and_records_it(
-    lora_data_dir: Path, in_process: tuple[Completed, Path], tmp_path: Path
-) -> None:
+def _lora_runs() -> dict[str, tuple[Completed, Path]]:
+    """The fox in process with ``--lora ink:0.8`` and with ``--lora ink:0``, by weight."""
+    data_dir: Path = background.get("cli_lora_data", _lora_data_dir)
+    runs = {}
+    for weight in ("0.8", "0"):
+        out = data_dir.parent / f"ink-{weight}.png"
+        runs[weight] = sdgate(data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", f"ink:{weight}"), out
+    return runs
+
+
+def _unknown_lora() -> tuple[Completed, Path]:
+    data_dir: Path = background.get("cli_lora_data", _lora_data_dir)
+    out = data_dir.parent / "unknown.png"
+    return sdgate(data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", "nope:1", "--lora", "ink"), out
+
+
+background.needs(
+    __file__,
+    cli_fox=_fox_in_process,
+    cli_inpaint=_inpainted_in_process,
+    cli_lora_data=_lora_data_dir,
+    cli_lora_runs=_lora_runs,
+    cli_unknown_lora=_unknown_lora,
+)
+
+
+def test_generate_with_a_lora_in_process_changes_the_image_and_records_it(in_process: tuple[Completed, Path]) -> None:
     plain_proc, plain = in_process  # the same command, without --lora
     assert plain_proc.returncode == 0, plain_proc.stderr
-    inked, off = tmp_path / "ink.png", tmp_path / "off.png"
-    for out, lora in ((inked, "ink:0.8"), (off, "ink:0")):
-        proc = sdgate(lora_data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", lora)
+    runs: dict[str, tuple[Completed, Path]] = background.get("cli_lora_runs", _lora_runs)
+    (inked_proc, inked), (off_proc, off) = runs["0.8"], runs["0"]
+    for proc, out in ((inked_proc, inked), (off_proc, off)):
         assert proc.returncode == 0, proc.stderr
         assert "Traceback" not in proc.stderr
         assert re.search(rf"{out.name}\s+seed=1\b", proc.stdout), proc.stdout
@@ -316,9 +355,8 @@ def test_generate_with_a_lora_in_process_changes_the_image_and_records_it(
     assert (meta["model"], meta["seed"], meta["loras"]) == ("tiny", 1, [{"name": "ink", "weight": 0.8}])
 
 
-def test_generate_with_an_unknown_lora_is_a_clean_error_naming_it(lora_data_dir: Path, tmp_path: Path) -> None:
-    out = tmp_path / "o.png"
-    proc = sdgate(lora_data_dir, "generate", FOX[0], "-o", str(out), *FOX[1:], "--lora", "nope:1", "--lora", "ink")
+def test_generate_with_an_unknown_lora_is_a_clean_error_naming_it() -> None:
+    proc, out = background.get("cli_unknown_lora", _unknown_lora)
     assert_clean_error(proc, "'nope'", "offered: ink")
     assert proc.returncode == 1
     assert not out.exists()

@@ -158,7 +158,20 @@ def _demo_server() -> ServerProcess:
     return start_server(background.workdir("demo-server"), model=None)
 
 
-background.needs(__file__, demo_server=_demo_server)
+def _demo_cli() -> tuple[subprocess.CompletedProcess[str], Path]:
+    """``sdgate generate`` in process with its default model, four seeds: what it printed, and its folder."""
+    folder = background.workdir("demo-cli")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
+    env["SDGATE_DATA_DIR"] = str(folder / "data")
+    args = ["generate", PROMPT, "-o", str(folder / "out.png"), "-n", str(len(SEEDS)), "--seed", str(SEEDS[0])]
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdgate.cli", *args], env=env, capture_output=True, text=True, timeout=180
+    )
+    return proc, folder
+
+
+# Both made while earlier modules run: the server, and the command line's run (seconds of imports).
+background.needs(__file__, demo_server=_demo_server, demo_cli=_demo_cli)
 
 
 @pytest.fixture(scope="module")
@@ -212,20 +225,10 @@ def test_sagemaker_contract_draws_the_prompt(server: ServerProcess, accept: str)
     assert sum(results) >= 3, results
 
 
-def test_cli_draws_the_prompt(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
-    env["SDGATE_DATA_DIR"] = str(tmp_path / "data")
-    out = tmp_path / "out.png"
-    args = ["generate", PROMPT, "-o", str(out), "-n", str(len(SEEDS)), "--seed", str(SEEDS[0])]  # default model
-    proc = subprocess.run(
-        [sys.executable, "-m", "sdgate.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+def test_cli_draws_the_prompt() -> None:
+    proc, folder = background.get("demo_cli", _demo_cli)
     assert proc.returncode == 0, proc.stderr
-    paths = [tmp_path / f"out-{i}.png" for i in range(len(SEEDS))]
+    paths = [folder / f"out-{i}.png" for i in range(len(SEEDS))]
     results = [shows_red_circle_on_blue(rgb(p.read_bytes())) for p in paths]
     assert sum(results) >= 3, results
 

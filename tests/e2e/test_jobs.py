@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -58,7 +57,16 @@ def _jobs_server() -> ServerProcess:
     return start_server(background.workdir("jobs-server"), env=JOBS_ENV)
 
 
-background.needs(__file__, jobs_server=_jobs_server)
+WEBHOOK_OWED_ENV = {**JOBS_ENV, "SDGATE_WEBHOOK_BACKOFF_S": "600"}
+"""The kill -9 webhook test's servers: a retry delay of ten minutes keeps a failed delivery pending."""
+
+
+def _webhook_owed_server() -> ServerProcess:
+    """The first of that test's servers, on a data directory of its own (the receiver is named per job)."""
+    return start_server(background.workdir("jobs-webhook-owed") / "data", env=WEBHOOK_OWED_ENV)
+
+
+background.needs(__file__, jobs_server=_jobs_server, jobs_webhook_owed=_webhook_owed_server)
 
 
 @pytest.fixture(scope="module")
@@ -532,15 +540,15 @@ def test_jobs_running_and_queued_at_kill_9_finish_after_restart(servers: list[Se
                 assert_images_downloadable(job)
 
 
-def test_webhook_owed_at_kill_9_is_delivered_once_after_restart(tmp_path: Path) -> None:
+def test_webhook_owed_at_kill_9_is_delivered_once_after_restart() -> None:
     """The job ended, its webhook was still being retried when the server died: the next start delivers it.
 
     Its own servers and data directory: the first delivery attempt gets a 500, and a retry delay of
     ten minutes keeps the delivery pending until the kill. A delivered webhook is not sent again.
     """
     receiver = Receiver(failures=1)
-    env = {**JOBS_ENV, "SDGATE_WEBHOOK_BACKOFF_S": "600"}
-    servers = [start_server(tmp_path / "data", env=env)]
+    env = WEBHOOK_OWED_ENV
+    servers = [background.take("jobs_webhook_owed", _webhook_owed_server)]
     try:
         first = servers[0]
         with httpx.Client(base_url=first.url, timeout=DEADLINE_S) as client:

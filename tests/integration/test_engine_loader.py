@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from sdgate.config import Settings
-from sdgate.engine.loader import LoadedModel
+from sdgate.engine.loader import LoadedModel, ModelLoadError, load_model
 from tests.integration.pipelines import ScriptedPipeline, loader_for, params, started_engine
 
 
@@ -40,3 +41,11 @@ def test_a_pipeline_directory_saved_by_the_test_loads_and_generates_the_same_ima
     assert np.array_equal(np.asarray(mine), np.asarray(theirs))
     # Loading never builds the built-in model as a side effect.
     assert not (tmp_path / "data" / "models").exists()
+
+
+def test_a_directory_that_is_no_pipeline_is_a_load_error_naming_it(tmp_path: Path) -> None:
+    empty = tmp_path / "not-a-pipeline"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="could not load model") as info:
+        load_model(str(empty), device="cpu", dtype="float32", models_dir=tmp_path / "models")
+    assert str(empty) in str(info.value)

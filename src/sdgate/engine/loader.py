@@ -179,40 +179,44 @@ def load_model(
     channels_last: bool = False,
     compile_unet: bool = False,
 ) -> LoadedModel:
-    """Steps: resolve the spec → choose device/dtype → load → move → configure.
+    """Steps: check the spec → choose device/dtype → load → move → configure.
 
     ``channels_last`` and ``compile_unet`` are the speed-ups measured in docs/benchmarks.md; both are
     off by default because neither helps everywhere (compiling takes a minute or more at start).
     """
+    # 1. what the spec names, checked before torch and diffusers are imported (seconds): a mistyped
+    # path is an error at once
+    path = Path(spec).expanduser()
+    looks_like_a_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith(SINGLE_FILE_SUFFIXES)
+    if spec not in BUILTIN_MODELS and looks_like_a_path and not path.exists():
+        raise ModelLoadError(f"model path {spec} does not exist")
+    if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
+        raise ModelLoadError(f"{spec}: a single-file checkpoint must end in .safetensors or .ckpt")
+
     import torch  # (fail early and clearly if the engine extra is missing)
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
 
-    # 1. device and dtype
+    # 2. device and dtype
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
 
-    # 2. resolve and load
-    path = Path(spec).expanduser()
+    # 3. load
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             if spec in BUILTIN_MODELS:
                 pipe = AutoPipelineForText2Image.from_pretrained(str(ensure_builtin(spec, models_dir)), **kwargs)
             elif path.is_file():
-                if path.suffix not in SINGLE_FILE_SUFFIXES:
-                    raise ModelLoadError(f"{spec}: a single-file checkpoint must end in .safetensors or .ckpt")
                 cls = StableDiffusionXLPipeline if single_file_kind(path) == "sdxl" else StableDiffusionPipeline
                 if single_file_config:
                     kwargs["config"] = single_file_config
                 pipe = cls.from_single_file(str(path), **kwargs)
             elif path.is_dir():
                 pipe = AutoPipelineForText2Image.from_pretrained(str(path), **kwargs)
-            elif spec.startswith(("/", "./", "../", "~")) or spec.endswith(SINGLE_FILE_SUFFIXES):
-                raise ModelLoadError(f"model path {spec} does not exist")
             else:
                 pipe = AutoPipelineForText2Image.from_pretrained(spec, **kwargs)
     except ModelLoadError:
@@ -220,7 +224,7 @@ def load_model(
     except Exception as e:  # diffusers raises OSError, ValueError, EnvironmentError, ... for bad models
         raise ModelLoadError(f"could not load model {spec!r}: {type(e).__name__}: {e}") from e
 
-    # 3. move and configure
+    # 4. move and configure
     pipe = pipe.to(dev)
     pipe.set_progress_bar_config(disable=True)
     if channels_last:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,9 +73,24 @@ def test_a_file_that_is_no_checkpoint_is_refused_by_its_suffix(tmp_path: Path) -
         load(str(path), tmp_path)
 
 
-def test_a_directory_that_is_no_pipeline_is_a_load_error_naming_it(tmp_path: Path) -> None:
-    empty = tmp_path / "not-a-pipeline"
-    empty.mkdir()
-    with pytest.raises(ModelLoadError, match="could not load model") as info:
-        load(str(empty), tmp_path)
-    assert str(empty) in str(info.value)
+def test_a_bad_spec_is_refused_before_diffusers_is_imported(tmp_path: Path) -> None:
+    """A mistyped path answers at once: in a fresh interpreter, the error comes with diffusers never imported."""
+    bad = tmp_path / "weights.bin"
+    bad.write_bytes(b"\0" * 16)
+    code = (
+        "import sys; from pathlib import Path; from sdgate.engine.loader import ModelLoadError, load_model\n"
+        "for spec in sys.argv[1:]:\n"
+        "    try:\n"
+        "        load_model(spec, device='cpu', dtype='float32', models_dir=Path('/nonexistent'))\n"
+        "    except ModelLoadError as e:\n"
+        "        print(e)\n"
+        "print('diffusers' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "/no/such/model", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    missing, suffix, imported = proc.stdout.splitlines()
+    assert "does not exist" in missing
+    assert ".safetensors or .ckpt" in suffix
+    assert imported == "False"
