@@ -24,10 +24,10 @@ import pytest
 from tests.server import free_port
 
 _lock = threading.Lock()
-_server: _Cluster | None = None
+_server: Cluster | None = None
 
 
-def _binaries() -> Path | None:
+def binaries() -> Path | None:
     """The newest ``/usr/lib/postgresql/<version>/bin`` with initdb, or initdb on PATH."""
     found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parts[-3]))
     if found:
@@ -43,14 +43,15 @@ def missing(what: str) -> None:
     pytest.skip(what)
 
 
-class _Cluster:
+class Cluster:
     """initdb into a temporary directory, then ``pg_ctl start`` on a free loopback port.
 
     As root (CI), the server runs as the ``postgres`` user that Debian's package creates: PostgreSQL
-    refuses to run as root.
+    refuses to run as root. ``durable``: PostgreSQL's own default, every commit flushed to disk (the
+    benchmark's, bench/job_stores.py); the tests' cluster skips fsync.
     """
 
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, durable: bool = False):
         self.bin = bin_dir
         self.root = Path(tempfile.mkdtemp(prefix="sdgate-postgres-"))
         self.data = self.root / "data"
@@ -63,7 +64,9 @@ class _Cluster:
             shutil.chown(self.root, "postgres")
             self.as_user = [runuser, "-u", "postgres", "--"]
         self._run("initdb", "-D", str(self.data), "-U", "sdgate", "--auth=trust", "-E", "UTF8", "--no-sync")
-        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c fsync=off -c max_connections=200"
+        options = f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.root} -c max_connections=200"
+        if not durable:
+            options += " -c fsync=off"
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.root / "server.log"), "-o", options, "-w", "start")
         self.url = f"postgresql://sdgate@127.0.0.1:{self.port}/postgres"
 
@@ -71,6 +74,10 @@ class _Cluster:
         done = subprocess.run([*self.as_user, str(self.bin / tool), *args], capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{tool} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
+
+    def postmaster_pid(self) -> int:
+        """The server's main process (its children are the connections' backends)."""
+        return int((self.data / "postmaster.pid").read_text().split()[0])
 
     def stop(self) -> None:
         try:
@@ -87,7 +94,7 @@ def server_url() -> str:
         return existing
     with _lock:
         if _server is None:
-            bin_dir = _binaries()
+            bin_dir = binaries()
             if bin_dir is None:
                 missing("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: apt-get install postgresql")
             assert bin_dir is not None
@@ -95,18 +102,20 @@ def server_url() -> str:
                 import psycopg  # noqa: F401
             except ImportError:
                 missing("psycopg is not installed: make test installs it (the postgres extra)")
-            _server = _Cluster(bin_dir)
+            _server = Cluster(bin_dir)
             atexit.register(_server.stop)
         return _server.url
 
 
 def fresh_database() -> str:
     """The URL of a new, empty database on the session's server."""
+    return create_database(server_url(), "t_" + uuid.uuid4().hex[:16])
+
+
+def create_database(server: str, name: str) -> str:
+    """Create database ``name`` on the server of URL ``server``; the new database's URL."""
     import psycopg
 
-    url = server_url()
-    name = "t_" + uuid.uuid4().hex[:16]
-    with psycopg.connect(url, autocommit=True) as conn:
+    with psycopg.connect(server, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    base, _, _ = url.rpartition("/")
-    return f"{base}/{name}"
+    return server.rpartition("/")[0] + "/" + name
