@@ -6,7 +6,7 @@ server start is mostly a single-threaded import of torch and diffusers, a venv b
 - the resources every run needs anyway (the shared server, the gateway's torch-free venv) start when
   collection ends;
 - a test module that needs servers of its own declares them with :func:`needs`; they start while
-  the modules before it run (the conftest asks for the next two declaring modules' resources).
+  the modules before it run (the conftest asks for the next :data:`AHEAD` declaring modules' resources).
 
 Their fixtures wait for them (:func:`get`, or :func:`take` for one the module stops itself); an
 error is raised where the fixture asks. A resource is made fresh for the module that declared it,
