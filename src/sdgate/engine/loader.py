@@ -169,6 +169,21 @@ def defaults_for(name: str, side: int) -> ModelDefaults:
     return ModelDefaults(width=side, height=side, num_inference_steps=30, guidance_scale=7.5)
 
 
+def check_spec(spec: str) -> Path:
+    """The path ``spec`` names; a ``ModelLoadError`` at once for a missing path or a file of the wrong suffix.
+
+    Needs no torch or diffusers, so a mistyped path is an error before seconds of imports. A built-in
+    name is the built-in even where a file of that name lies in the working directory.
+    """
+    path = Path(spec).expanduser()
+    if spec not in BUILTIN_MODELS:
+        if (spec.startswith(("/", "./", "../", "~")) or spec.endswith(SINGLE_FILE_SUFFIXES)) and not path.exists():
+            raise ModelLoadError(f"model path {spec} does not exist")
+        if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"{spec}: a single-file checkpoint must end in .safetensors or .ckpt")
+    return path
+
+
 def load_model(
     spec: str,
     *,
@@ -184,14 +199,8 @@ def load_model(
     ``channels_last`` and ``compile_unet`` are the speed-ups measured in docs/benchmarks.md; both are
     off by default because neither helps everywhere (compiling takes a minute or more at start).
     """
-    # 1. what the spec names, checked before torch and diffusers are imported (seconds): a mistyped
-    # path is an error at once
-    path = Path(spec).expanduser()
-    looks_like_a_path = spec.startswith(("/", "./", "../", "~")) or spec.endswith(SINGLE_FILE_SUFFIXES)
-    if spec not in BUILTIN_MODELS and looks_like_a_path and not path.exists():
-        raise ModelLoadError(f"model path {spec} does not exist")
-    if path.is_file() and path.suffix not in SINGLE_FILE_SUFFIXES:
-        raise ModelLoadError(f"{spec}: a single-file checkpoint must end in .safetensors or .ckpt")
+    # 1. what the spec names, checked before torch and diffusers are imported (seconds)
+    path = check_spec(spec)
 
     import torch  # (fail early and clearly if the engine extra is missing)
     from diffusers import AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline

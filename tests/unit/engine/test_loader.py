@@ -11,7 +11,14 @@ import pytest
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from sdgate.engine.loader import ModelLoadError, load_model, pick_device, pick_dtype, single_file_kind  # noqa: E402
+from sdgate.engine.loader import (  # noqa: E402
+    ModelLoadError,
+    check_spec,
+    load_model,
+    pick_device,
+    pick_dtype,
+    single_file_kind,
+)
 
 SDXL_KEYS = ["conditioner.embedders.1.model.ln_final.weight", "model.diffusion_model.input_blocks.0.0.weight"]
 SD_KEYS = ["cond_stage_model.transformer.text_model.final_layer_norm.weight", "model.diffusion_model.out.2.bias"]
@@ -94,3 +101,15 @@ def test_a_bad_spec_is_refused_before_diffusers_is_imported(tmp_path: Path) -> N
     assert "does not exist" in missing
     assert ".safetensors or .ckpt" in suffix
     assert imported == "False"
+
+
+def test_a_builtin_name_is_not_mistaken_for_a_file_of_that_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file called ``tiny`` in the working directory is no checkpoint to refuse: ``tiny`` is the built-in."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").write_text("not a model")
+    (tmp_path / "other").write_text("not a model")
+    assert check_spec("tiny") == Path("tiny")
+    with pytest.raises(ModelLoadError, match=r"\.safetensors or \.ckpt"):
+        check_spec("other")
