@@ -1,8 +1,8 @@
 """``python -m bench.job_stores``: what the PostgreSQL job store costs per request, against the SQLite default.
 
 Not a scenario of ``python -m bench``: it needs PostgreSQL's server binaries (Debian's ``postgresql`` package),
-which a user's machine may lack. Two ``sdgate serve`` with the tiny model run at once, the same but for
-``SDGATE_JOB_STORE``:
+which a user's machine may lack. Three ``sdgate serve`` with the tiny model run at once, the same but for
+their job store:
 
 - ``sqlite``: the default, files under the data directory (WAL, ``synchronous=NORMAL``: a commit survives a
   crash of the process, not of the machine);
@@ -33,7 +33,7 @@ import httpx
 
 from bench import servers
 from bench.load import LoadResult, closed_loop, sequential
-from bench.ray_replicas import _cpu_by_role
+from bench.ray_replicas import cpu_by_role
 
 STORES = ("sqlite", "postgres", "postgres, synchronous_commit=off")
 """The configurations: the last one is PostgreSQL with commits that do not wait for the disk (a crash of the
@@ -52,11 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from tests.postgres import (
-        Cluster,
-        binaries,
-        create_database,
-    )  # the tests' throwaway cluster (the test extra, as make bench)
+    # The tests' throwaway cluster: make bench installs the test extra.
+    from tests.postgres import Cluster, binaries, create_database
 
     args = parse_args(argv)
     bin_dir = binaries()
@@ -70,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     cluster = Cluster(bin_dir, durable=True)
     try:
         with tempfile.TemporaryDirectory(prefix="sdgate-bench-stores-") as tmp, servers.Fleet() as fleet:
-            # 1. the model, built once, and both servers, loading at once
+            # 1. the model, built once, and the three servers, loading at once
             work = Path(tmp)
             models = work / "models"
             servers.tiny_model_dir(models)
@@ -89,9 +86,9 @@ def main(argv: list[str] | None = None) -> None:
             def cpu_of(s: str) -> float:
                 """The server's CPU seconds so far, and the whole cluster's for a postgres one."""
                 own = by[s].cpu_seconds()
-                return own if s == "sqlite" else own + sum(_cpu_by_role(cluster.postmaster_pid()).values())
+                return own if s == "sqlite" else own + sum(cpu_by_role(cluster.postmaster_pid()).values())
 
-            # 2. one client, a request each in turn (the first ones warm both up)
+            # 2. one client, a request each in turn (the first five each warm them up)
             latencies: dict[str, list[float]] = {s: [] for s in STORES}
             cpu: dict[str, float] = dict.fromkeys(STORES, 0.0)
             with httpx.Client(timeout=300) as client:

@@ -86,9 +86,9 @@ def measure(name: str, env: dict[str, str], models: Path, work: Path, args: argp
                 "num_inference_steps": args.steps,
             }
 
-        before, counted = _cpu_by_role(server.proc.pid), engine_counters(server)
+        before, counted = cpu_by_role(server.proc.pid), engine_counters(server)
         load = closed_loop(server.generate_url, body, clients=args.clients, warmup_s=args.warmup, window_s=args.window)
-        after = _cpu_by_role(server.proc.pid)
+        after = cpu_by_role(server.proc.pid)
         # Images per pipeline call (ray: the replicas' calls as they last reported them, at most a batch behind).
         images, calls = engine_counters(server)
         load.engine_images, load.engine_calls = images - counted[0], calls - counted[1]
@@ -103,7 +103,7 @@ def measure(name: str, env: dict[str, str], models: Path, work: Path, args: argp
                 raise RuntimeError(f"{name}: processes of its Ray cluster outlived the server: {left}")
 
 
-def _cpu_by_role(root: int) -> dict[str, float]:
+def cpu_by_role(root: int) -> dict[str, float]:
     """CPU seconds so far of process ``root`` and its descendants, by role (see :class:`Measurement`).
 
     Descendants, not a process group: Ray's raylet starts each worker (a replica, Serve's controller) in a
