@@ -103,7 +103,7 @@ def test_a_failed_write_leaves_neither_the_file_nor_a_temporary(
     assert leftovers(storage.root) == []
 
 
-def test_a_durable_write_is_fsynced_before_its_rename_and_a_non_durable_one_is_not(
+def test_a_new_key_is_written_in_place_fsynced_and_an_existing_one_replaced_after_its_fsync(
     storage: LocalStorage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[str] = []
@@ -121,12 +121,25 @@ def test_a_durable_write_is_fsynced_before_its_rename_and_a_non_durable_one_is_n
     monkeypatch.setattr(os, "replace", replace)
     image, sidecar = new_key("jpeg"), new_key("jpeg")
     storage.put(b"image", image, "image/jpeg")
-    assert events == ["fsync", "rename"]
+    assert events == ["fsync"]  # a new key: its URL is not out yet, so no temporary file is needed
     events.clear()
     storage.put(b"{}", sidecar, "application/json", durable=False)
-    assert events == ["rename"]  # still atomic for readers: whole or absent
+    assert events == []
+    storage.put(b"image 2", image, "image/jpeg")
+    assert events == ["fsync", "rename"]  # an existing key: replaced whole, never seen half written
+    assert (storage.root / image).read_bytes() == b"image 2"
     assert (storage.root / sidecar).read_bytes() == b"{}"
     assert leftovers(storage.root) == []
+
+
+def test_a_directory_removed_after_a_write_is_made_again(storage: LocalStorage) -> None:
+    first, second = new_key("jpeg"), new_key("jpeg")
+    storage.put(b"one", first, "image/jpeg")
+    folder = (storage.root / first).parent
+    (storage.root / first).unlink()
+    folder.rmdir()  # an operator's clean-up between two writes of the same day
+    storage.put(b"two", second, "image/jpeg")
+    assert (storage.root / second).read_bytes() == b"two"
 
 
 def test_a_failed_write_keeps_the_previous_bytes(storage: LocalStorage, monkeypatch: pytest.MonkeyPatch) -> None:
