@@ -71,7 +71,7 @@ def overhead(ctx: Context) -> Outcome:
     parts = Table(
         "Overhead: where sdgate's time went (medians of the timings it reports)",
         ["size", "client latency", "pipeline", "encode", "store", "queue", "HTTP, job record, answer"],
-        note="Milliseconds. Store: the JPEG (written to a temporary file, fsynced, renamed) and its JSON sidecar "
+        note="Milliseconds. Store: the JPEG (written in place under its new key, fsynced) and its JSON sidecar "
         "(the same without the fsync). The last column is what is left of the client's latency.",
     )
     outcome = Outcome([table, parts])
