@@ -260,8 +260,12 @@ def sdgate(
     max_batch_size: int = 8,
     name: str = "sdgate",
     extra: dict[str, str] | None = None,
+    module: str = "sdgate.cli",
 ) -> Server:
-    """Launch ``sdgate serve`` with the tiny model, a fresh data directory, and a queue with room for any load."""
+    """Launch ``sdgate serve`` with the tiny model, a fresh data directory, and a queue with room for any load.
+
+    ``module``: what ``python -m`` runs (``bench.instant_engine``: the same server on a pipeline that costs nothing).
+    """
     tmp = tempfile.TemporaryDirectory(prefix="sdgate-bench-")
     data_dir = Path(tmp.name)
     # The prebuilt tiny model is shared; everything else (jobs, images, keys) is fresh.
@@ -280,7 +284,7 @@ def sdgate(
         "SDGATE_SYNC_TIMEOUT": "600",
     }
     env |= extra or {}
-    argv = [sys.executable, "-m", "sdgate.cli", "serve"]
+    argv = [sys.executable, "-m", module] + (["serve"] if module == "sdgate.cli" else [])
     return _spawn(name, argv, env, port, log_dir, generate_path="/v1/generations", ready_path="/readyz", tmp=tmp)
 
 
