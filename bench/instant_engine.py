@@ -6,7 +6,7 @@ queue and batching, encoding, storage, the answer. The pipeline returns flat ima
 request is its overhead alone, with far less noise than beside a real model. Used by
 :mod:`bench.overhead_only`; it takes every ``SDGATE_*`` setting as ``sdgate serve`` does.
 
-    python -m bench.instant_engine
+    python -m bench.instant_engine serve [sdgate serve's options]
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main() -> None:
 
     Engine._load_entry = load_entry  # type: ignore[method-assign,assignment]
     os.environ.setdefault("SDGATE_WARMUP", "false")  # nothing to warm up
-    sys.argv = ["sdgate", "serve"]
+    sys.argv = ["sdgate", *sys.argv[1:]]  # sdgate's own command line: serve and its options
     sdgate_main()
 
 

@@ -44,14 +44,12 @@ class Turns:
 
 def thread_cpu(pid: int) -> tuple[float, float]:
     """CPU seconds so far of process ``pid``'s main thread (the event loop) and of its other threads."""
-    ticks = os.sysconf("SC_CLK_TCK")
     main = rest = 0.0
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+            seconds = servers.cpu_seconds_of(servers.proc_stat(Path(f"/proc/{pid}/task/{tid}/stat")))
         except OSError:
             continue  # a thread that ended meanwhile
-        seconds = (int(fields[11]) + int(fields[12])) / ticks
         if tid == str(pid):
             main += seconds
         else:

@@ -109,7 +109,6 @@ def cpu_by_role(root: int) -> dict[str, float]:
     Descendants, not a process group: Ray's raylet starts each worker (a replica, Serve's controller) in a
     session of its own.
     """
-    ticks = os.sysconf("SC_CLK_TCK")
     parents: dict[int, int] = {}
     cpu: dict[int, float] = {}
     replicas: set[int] = set()
@@ -117,13 +116,13 @@ def cpu_by_role(root: int) -> dict[str, float]:
         if not entry.name.isdigit():
             continue
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            fields = servers.proc_stat(entry / "stat")
             cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
         except OSError:
             continue  # gone meanwhile
         pid = int(entry.name)
         parents[pid] = int(fields[1])
-        cpu[pid] = (int(fields[11]) + int(fields[12])) / ticks
+        cpu[pid] = servers.cpu_seconds_of(fields)
         if "ServeReplica" in cmdline:
             replicas.add(pid)
     tree = {root}

@@ -27,6 +27,20 @@ _TICKS = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
 
 
+def proc_stat(path: Path) -> list[str]:
+    """The fields of a ``/proc/<pid>/stat`` (or ``task/<tid>/stat``) file after the command name.
+
+    Index 1 is the parent's pid, 2 the process group, 11 and 12 user and system time in clock ticks
+    (``proc(5)``'s fields 4, 5, 14 and 15). Raises ``OSError`` when the process is gone.
+    """
+    return path.read_text().rsplit(")", 1)[1].split()
+
+
+def cpu_seconds_of(fields: list[str]) -> float:
+    """User + system CPU seconds from the fields :func:`proc_stat` read."""
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,8 +149,7 @@ class Server:
 
     def cpu_seconds(self) -> float:
         """User + system CPU time of the server's main process so far."""
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _TICKS
+        return cpu_seconds_of(proc_stat(Path(f"/proc/{self.proc.pid}/stat")))
 
     def pause(self) -> None:
         """SIGSTOP its process group: a paused server takes no CPU from the one being measured."""
@@ -199,11 +212,11 @@ class Fleet:
             if not entry.name.isdigit():
                 continue
             try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                fields = proc_stat(entry / "stat")
             except OSError:
                 continue  # gone meanwhile
             if int(fields[2]) in groups:
-                total += (int(fields[11]) + int(fields[12])) / _TICKS
+                total += cpu_seconds_of(fields)
         return total
 
     def focus(self, chosen: Server | None) -> None:
@@ -264,7 +277,8 @@ def sdgate(
 ) -> Server:
     """Launch ``sdgate serve`` with the tiny model, a fresh data directory, and a queue with room for any load.
 
-    ``module``: what ``python -m`` runs (``bench.instant_engine``: the same server on a pipeline that costs nothing).
+    ``module``: what ``python -m`` runs with ``serve`` (``bench.instant_engine``: the same server on a pipeline
+    that costs nothing).
     """
     tmp = tempfile.TemporaryDirectory(prefix="sdgate-bench-")
     data_dir = Path(tmp.name)
@@ -284,7 +298,7 @@ def sdgate(
         "SDGATE_SYNC_TIMEOUT": "600",
     }
     env |= extra or {}
-    argv = [sys.executable, "-m", module] + (["serve"] if module == "sdgate.cli" else [])
+    argv = [sys.executable, "-m", module, "serve"]
     return _spawn(name, argv, env, port, log_dir, generate_path="/v1/generations", ready_path="/readyz", tmp=tmp)
 
 

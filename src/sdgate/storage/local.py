@@ -73,10 +73,10 @@ class LocalStorage:
         try:
             _write_all(fd, data, durable)
         except BaseException:
-            os.close(fd)
             path.unlink(missing_ok=True)
             raise
-        os.close(fd)
+        finally:
+            os.close(fd)
         return True
 
     def _replace(self, path: Path, data: bytes, durable: bool) -> None:
