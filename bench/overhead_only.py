@@ -12,8 +12,12 @@ Beside a real model on two shared cores one run's ratios drift by ±15%; here by
 what lets a change of a tenth of a millisecond per request be seen. At 8 clients on the tiny model's
 64x64 the time between two batches is about 8 x (server CPU per request) plus the last client's turn.
 
+``--model tiny`` runs the real tiny model instead (noisier), and ``--bare`` adds the bare pipeline called
+in process (batch ``--clients``) as a third contender: the ratio that ``python -m bench``'s goal is about.
+
 python -m bench.overhead_only                          # this tree alone: 8 clients, 6 rounds of 3 s
 python -m bench.overhead_only --baseline /tmp/base/src --rounds 10
+python -m bench.overhead_only --model tiny --bare      # the real model, against the bare pipeline
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 
 from bench import servers
 from bench.load import closed_loop
-from bench.pipeline import Shape
+from bench.pipeline import BarePipeline, Shape
 
 
 @dataclass
@@ -57,10 +61,22 @@ def thread_cpu(pid: int) -> tuple[float, float]:
     return main, rest
 
 
-def instant_server(models_dir: Path, log_dir: Path, name: str, src: str | None) -> servers.Server:
-    """``sdgate serve`` on the instant engine; ``src``: the ``sdgate`` package of another checkout."""
+def start_server(models_dir: Path, log_dir: Path, name: str, src: str | None, *, instant: bool) -> servers.Server:
+    """``sdgate serve``, on the instant engine when ``instant``; ``src``: another checkout's ``sdgate`` package."""
     extra = {"PYTHONPATH": src} if src else {}
-    return servers.sdgate(models_dir, log_dir, name=name, extra=extra, module="bench.instant_engine")
+    module = "bench.instant_engine" if instant else "sdgate.cli"
+    return servers.sdgate(models_dir, log_dir, name=name, extra=extra, module=module)
+
+
+def bare_turn(bare: BarePipeline, shape: Shape, clients: int, window_s: float, into: Turns) -> None:
+    """Batches of ``clients`` images back to back in this process: images/s, no server CPU to report."""
+    bare.for_duration(shape, 0.5, clients)
+    before = os.times()
+    calls = bare.for_duration(shape, window_s, clients)
+    after = os.times()
+    n = len(calls.values) * clients
+    into.rate.append(clients / calls.mean)
+    into.cpu.append((0.0, 0.0, ((after.user - before.user) + (after.system - before.system)) * 1000 / n))
 
 
 def turn(server: servers.Server, shape: Shape, clients: int, window_s: float, into: Turns) -> None:
@@ -83,25 +99,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--size", type=int, default=64, help="Image width and height (default 64).")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--window", type=float, default=3.0, help="Seconds of each turn (default 3).")
+    parser.add_argument("--model", choices=["instant", "tiny"], default="instant", help="instant (default) or tiny.")
+    parser.add_argument("--bare", action="store_true", help="Add the bare pipeline in process (needs --model tiny).")
     args = parser.parse_args(argv)
+    if args.bare and args.model != "tiny":
+        parser.error("--bare needs --model tiny: the instant engine has no pipeline to call bare")
 
     shape = Shape(args.size, args.size)
     with tempfile.TemporaryDirectory(prefix="sdgate-overhead-") as work, servers.Fleet() as fleet:
-        # 1. the servers: the model's configs only (the instant engine loads no weights)
+        # 1. the servers (the instant engine reads the model's configs only, no weights), the bare pipeline
         models = servers.tiny_model_dir(Path(work) / "models").parent
         names = ["this tree"] + (["baseline"] if args.baseline else [])
+        instant = args.model == "instant"
         started = {
-            name: fleet.add(instant_server(models, Path(work), name.replace(" ", "-"), src))
+            name: fleet.add(start_server(models, Path(work), name.replace(" ", "-"), src, instant=instant))
             for name, src in zip(names, [None, args.baseline], strict=False)
         }
         fleet.wait_ready()
-        for server in started.values():  # a first turn each, not measured: imports, caches, the date folder
-            turn(server, shape, args.clients, 1.0, Turns())
-        # 2. interleaved turns
-        turns = {name: Turns() for name in started}
+        bare = BarePipeline(models) if args.bare else None
+        for one in started.values():  # a first turn each, not measured: imports, caches, the date folder
+            turn(one, shape, args.clients, 1.0, Turns())
+        # 2. interleaved turns (every server paused while the bare pipeline runs)
+        names += ["bare pipeline"] if bare else []
+        turns = {name: Turns() for name in names}
         for r in range(args.rounds):
             for name in names if r % 2 == 0 else reversed(names):
-                turn(started[name], shape, args.clients, args.window, turns[name])
+                if name in started:
+                    turn(started[name], shape, args.clients, args.window, turns[name])
+                else:
+                    assert bare is not None
+                    fleet.focus(None)
+                    bare_turn(bare, shape, args.clients, args.window, turns[name])
                 print(f"  round {r + 1} · {name}: {turns[name].rate[-1]:.0f} requests/s", file=sys.stderr)
     # 3. report
     print(f"{args.clients} clients, {shape.label}, {args.rounds} rounds of {args.window:g} s")
@@ -111,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
         rate = statistics.median(t.rate)
         loop, threads, client = (t.median_cpu(i) for i in range(3))
         print(f"| {name} | {rate:.0f} | {loop:.2f} | {threads:.2f} | {client:.2f} |")
-    if args.baseline:
-        ratio = statistics.median(turns["this tree"].rate) / statistics.median(turns["baseline"].rate)
-        print(f"this tree / baseline: {ratio:.3f} (medians of requests/s)")
+    for other in ("baseline", "bare pipeline"):
+        if other in turns:
+            ratio = statistics.median(turns["this tree"].rate) / statistics.median(turns[other].rate)
+            print(f"this tree / {other}: {ratio:.3f} (medians of requests/s)")
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from PIL import Image
 
 from bench import servers
 from bench.context import engine_counters
-from bench.overhead_only import Turns, instant_server, turn
+from bench.overhead_only import Turns, start_server, turn
 from bench.pipeline import Shape
 
 
 @pytest.mark.slow
 def test_the_instant_engine_serves_stored_images_and_a_turn_measures_it(tmp_path: Path) -> None:
     models = servers.tiny_model_dir(tmp_path / "models").parent
-    server = instant_server(models, tmp_path, "instant", None)
+    server = start_server(models, tmp_path, "instant", None, instant=True)
     try:
         server.wait_ready()
         shape = Shape(128, 64)
