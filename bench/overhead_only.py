@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench import servers
+from bench.context import bare_batch_arm
 from bench.load import closed_loop
 from bench.pipeline import BarePipeline, Shape
 
@@ -72,10 +73,10 @@ def bare_turn(bare: BarePipeline, shape: Shape, clients: int, window_s: float, i
     """Batches of ``clients`` images back to back in this process: images/s, no server CPU to report."""
     bare.for_duration(shape, 0.5, clients)
     before = os.times()
-    calls = bare.for_duration(shape, window_s, clients)
+    result = bare_batch_arm(bare, shape, clients, window_s)(0)  # the peers scenario's ceiling, measured alike
     after = os.times()
-    n = len(calls.values) * clients
-    into.rate.append(clients / calls.mean)
+    n = len(result.latencies.values) * clients
+    into.rate.append(result.images_per_s)
     into.cpu.append((0.0, 0.0, ((after.user - before.user) + (after.system - before.system)) * 1000 / n))
 
 
