@@ -18,6 +18,7 @@ import httpx
 from bench import servers
 from bench.load import Body, LoadResult, closed_loop, sequential
 from bench.pipeline import BarePipeline, Shape
+from bench.wire import Wire
 
 
 @dataclass(frozen=True)
@@ -220,7 +221,7 @@ def load_arm(
 
 
 def sequential_arm(
-    client: httpx.Client,
+    client: Wire,
     server: servers.Server,
     shape: Shape,
     n: int,

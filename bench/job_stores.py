@@ -29,11 +29,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench import servers
 from bench.load import LoadResult, closed_loop, sequential
 from bench.ray_replicas import cpu_by_role
+from bench.wire import Wire
 
 STORES = ("sqlite", "postgres", "postgres, synchronous_commit=off")
 """The configurations: the last one is PostgreSQL with commits that do not wait for the disk (a crash of the
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
             # 2. one client, a request each in turn (the first five each warm them up)
             latencies: dict[str, list[float]] = {s: [] for s in STORES}
             cpu: dict[str, float] = dict.fromkeys(STORES, 0.0)
-            with httpx.Client(timeout=300) as client:
+            with Wire() as client:
                 for s in STORES:
                     sequential(client, by[s].generate_url, body, 5)
                 for i in range(args.pairs):

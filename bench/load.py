@@ -1,5 +1,8 @@
 """Load generation: closed-loop HTTP clients in this process, and latency statistics.
 
+The clients speak through :mod:`bench.wire`, a lean HTTP/1.1 client, so that the load takes as little
+as it can of the CPU it shares with the server it measures.
+
 Closed loop: each client sends its next request as soon as the previous one is answered, so a
 server is measured at exactly N requests in flight. Throughput follows from Little's law,
 ``images/s = N * images per request / mean latency``, over the requests started inside the
@@ -17,12 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
+from bench.wire import Answer, AsyncConnection, Wire
 
 Body = Callable[[int], dict[str, Any]]
 """Request body for the i-th request of a run (i gives each request its own seed)."""
-
-_TIMEOUT = httpx.Timeout(300.0)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -96,36 +97,38 @@ class LoadError(RuntimeError):
     """A server answered a benchmark request with an error: the numbers would mean nothing."""
 
 
-def _check(resp: httpx.Response) -> None:
+def _check(resp: Answer, url: str) -> None:
     if resp.status_code != 200:
-        raise LoadError(f"{resp.request.method} {resp.request.url} answered {resp.status_code}: {resp.text[:500]}")
+        raise LoadError(f"POST {url} answered {resp.status_code}: {resp.text[:500]}")
 
 
 async def _closed_loop(
     url: str, body: Body, clients: int, warmup_s: float, window_s: float, images_per_request: int
 ) -> LoadResult:
     result = LoadResult(clients, images_per_request)
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     counter = iter(range(10**9))
-    async with httpx.AsyncClient(limits=limits, timeout=_TIMEOUT) as client:
-        begin = time.perf_counter()
-        measure_from = begin + warmup_s
-        stop = measure_from + window_s
+    begin = time.perf_counter()
+    measure_from = begin + warmup_s
+    stop = measure_from + window_s
 
-        async def one_client() -> None:
-            measured = False
+    async def one_client() -> None:
+        measured = False
+        connection = AsyncConnection(url)  # each client its own kept-alive connection
+        try:
             # Until the window closes, and at least one measured request each (a slow server, a short window).
             while (t0 := time.perf_counter()) < stop or not measured:
-                resp = await client.post(url, json=body(next(counter)))
+                resp = await connection.post(body(next(counter)))
                 t1 = time.perf_counter()
-                _check(resp)
+                _check(resp, url)
                 if t0 >= measure_from:
                     result.latencies.values.append(t1 - t0)
                     measured = True
                 if measure_from <= t1 < stop:
                     result.completed_in_window += 1
+        finally:
+            await connection.close()
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     result.window_s = window_s
     return result
 
@@ -138,18 +141,20 @@ def closed_loop(
 
 
 async def _count_loop(url: str, body: Body, clients: int, total: int, start: int) -> int:
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     counter = iter(range(start, start + total))
     done = 0
-    async with httpx.AsyncClient(limits=limits, timeout=_TIMEOUT) as client:
 
-        async def one_client() -> None:
-            nonlocal done
+    async def one_client() -> None:
+        nonlocal done
+        connection = AsyncConnection(url)
+        try:
             for i in counter:
-                _check(await client.post(url, json=body(i)))
+                _check(await connection.post(body(i)), url)
                 done += 1
+        finally:
+            await connection.close()
 
-        await asyncio.gather(*(one_client() for _ in range(clients)))
+    await asyncio.gather(*(one_client() for _ in range(clients)))
     return done
 
 
@@ -159,7 +164,7 @@ def requests_total(url: str, body: Body, *, clients: int, total: int, start: int
 
 
 def sequential(
-    client: httpx.Client, url: str, body: Body, n: int, start: int = 0, answers: list[Any] | None = None
+    client: Wire, url: str, body: Body, n: int, start: int = 0, answers: list[Any] | None = None
 ) -> Latencies:
     """``n`` requests one after another on one kept-alive connection; their latencies.
 
@@ -170,7 +175,7 @@ def sequential(
         t0 = time.perf_counter()
         resp = client.post(url, json=body(i))
         out.values.append(time.perf_counter() - t0)
-        _check(resp)
+        _check(resp, url)
         if answers is not None:
             answers.append(resp.json())
     return out

@@ -42,6 +42,7 @@ from bench.context import (
 from bench.load import Latencies, LoadError, LoadResult, requests_total, sequential
 from bench.outcome import Goal, Outcome, Table, mean, ms, ratio
 from bench.pipeline import Shape
+from bench.wire import Wire
 
 # -- 1. overhead ---------------------------------------------------------------------------------
 
@@ -75,7 +76,7 @@ def overhead(ctx: Context) -> Outcome:
         "(the same without the fsync). The last column is what is left of the client's latency.",
     )
     outcome = Outcome([table, parts])
-    with httpx.Client(timeout=300) as client:
+    with Wire() as client:
         for size, target in zip(ctx.budget.overhead_sizes, _OVERHEAD_TARGETS, strict=True):
             shape = Shape(size, size)
             n = ctx.budget.overhead_calls[size]
@@ -256,7 +257,7 @@ class _Costs:
     image_bytes: int = 0
 
 
-def _ask(client: httpx.Client, server: servers.Server, answer: _Answer, body: dict[str, Any], costs: _Costs) -> None:
+def _ask(client: Wire, server: servers.Server, answer: _Answer, body: dict[str, Any], costs: _Costs) -> None:
     headers = {"Accept": answer.accept} if answer.accept else {}
     cpu0, t0 = server.cpu_seconds(), time.perf_counter()
     resp = client.post(server.url + answer.path, json=body, headers=headers)
@@ -303,7 +304,7 @@ def payload(ctx: Context) -> Outcome:
     outcome = Outcome([table])
     answers = (_RGB, _JPEG, _URL)
     ctx.focus(PAYLOAD_SERVER)
-    with httpx.Client(timeout=300) as client:
+    with Wire() as client:
         for size in ctx.budget.payload_sizes:
             shape = Shape(size, size, steps=1, prompt=_PAYLOAD_PROMPT)
             costs = {a: _Costs() for a in answers}
@@ -379,7 +380,7 @@ def peers(ctx: Context) -> Outcome:
     outcome = Outcome([table])
     measured: dict[tuple[int, int], dict[str, LoadResult]] = {}
     large = b.peer_large
-    http = httpx.Client(timeout=300)
+    http = Wire()
     for size, clients in ((64, 8), (large, 8), (64, 1)):
         shape = Shape(size, size)
         warmup_s, window_s = b.warmup_s[size], b.window_s[size]
@@ -536,7 +537,7 @@ class _Series:
 class _Asker:
     """One client's sync requests to one sdgate server, each with its own seed; checks what each answer ran."""
 
-    def __init__(self, client: httpx.Client, server: servers.Server, shape: Shape):
+    def __init__(self, client: Wire, server: servers.Server, shape: Shape):
         self.client, self.server, self.shape = client, server, shape
         self.sent = 0
 
@@ -582,7 +583,7 @@ def switching(ctx: Context) -> Outcome:
     """A model switch (one model in memory, and both) and a LoRA switch, each against a steady request."""
     shape = Shape(64, 64)
     ctx.launch(set(SWITCH_SERVERS))
-    with httpx.Client(timeout=300) as client:
+    with Wire() as client:
         ask = {name: _Asker(client, ctx.server(name), shape) for name in SWITCH_SERVERS}
         models = _model_switches(ctx, ask)
         loras = _lora_switches(ctx, ask[_LORA_SERVER])
@@ -908,7 +909,7 @@ def inputs(ctx: Context) -> Outcome:
         "recorded, so a job that runs again after a restart has it.",
     )
     ctx.focus("sdgate")
-    with httpx.Client(timeout=300) as client:
+    with Wire() as client:
         for body in modes.values():  # each mode's first requests (its pipeline is made on first use)
             sequential(client, server.generate_url, body, 2)
     arms: dict[str, Arm] = {

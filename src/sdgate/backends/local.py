@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from sdgate.backends import BackendState
 from sdgate.config import Settings
 from sdgate.engine.runner import Engine
+from sdgate.handoff import Handoff
 from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDefaults, Previews, ProgressFn
 
 if TYPE_CHECKING:
@@ -23,6 +24,8 @@ class LocalBackend:
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.engine = engine or Engine(settings)
         self.model_name = self.engine.model_name
+        self._handoff: Handoff | None = None
+        """Brings a batch's results to the event loop with one wake-up (made on the loop, at first use)."""
 
     async def start(self) -> None:
         self.engine.start()
@@ -63,9 +66,12 @@ class LocalBackend:
         previews: Previews | None = None,
     ) -> GenerationResult:
         cancel = cancel or threading.Event()
+        loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
         future = self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews)
         try:
-            return await asyncio.wrap_future(future)
+            return await self._handoff.wrap(future)
         except asyncio.CancelledError:
             # The job's task was canceled (shutdown): stop spending the device on it.
             cancel.set()

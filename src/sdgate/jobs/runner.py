@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import hashlib
 import json
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from sdgate.backends import Backend, BackendState
@@ -35,6 +37,7 @@ from sdgate.errors import (
     SdgateError,
     new_error_id,
 )
+from sdgate.handoff import Handoff
 from sdgate.imaging import ImageInputs, preview_jpeg
 from sdgate.jobs.dispatch import Dispatcher, InProcess
 from sdgate.jobs.events import TERMINAL_EVENTS, Event
@@ -96,9 +99,14 @@ class JobRunner:
         self._live: dict[str, Job] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = asyncio.Semaphore(settings.max_concurrency)
+        # Storing has threads of its own, one per image of a full batch: a batch's fsyncs are then all in
+        # flight at once (the filesystem commits them together) instead of waiting for the default
+        # executor's few threads, which every other to_thread call shares.
+        self._storer = ThreadPoolExecutor(max(4, settings.max_batch_size), thread_name_prefix="sdgate-store")
         self._recent_ms: list[float] = []
         self._closing = False
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._handoff: Handoff | None = None
+        """Brings progress and previews from the engine's thread to the event loop, one wake-up for many."""
         self.shared: SharedJobStore | None = store if isinstance(store, SharedJobStore) else None
         """The store, when other API nodes share it (PostgreSQL): this node then leases its jobs."""
 
@@ -193,6 +201,7 @@ class JobRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._storer.shutdown(wait=False)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task: asyncio.Task[Any] = asyncio.ensure_future(coro)
@@ -539,8 +548,8 @@ class JobRunner:
 
     def _progress(self, job: Job, step: int, total: int) -> None:
         """Called on the engine thread; state changes happen on the event loop."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(job.advance, step, total)
+        assert self._handoff is not None
+        self._handoff.post(job.advance, step, total)
 
     def _previews(self, job: Job) -> Previews | None:
         if not self.settings.preview_every:
@@ -548,13 +557,15 @@ class JobRunner:
 
         def send(_step: int, image: Any) -> None:  # on the engine thread: encoded there, kept on the loop
             data = preview_jpeg(image)
-            assert self._loop is not None
-            self._loop.call_soon_threadsafe(job.set_preview, data)
+            assert self._handoff is not None
+            self._handoff.post(job.set_preview, data)
 
         return Previews(wanted=job.previews_wanted, send=send)
 
     async def _execute(self, job: Job, *, claimed: bool = False) -> None:
-        self._loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
         try:
             await self.wait_ready(timeout=self.settings.backend_timeout_s)
             # The local engine says when a task leaves its queue (progress step 0), so a job shows
@@ -579,8 +590,9 @@ class JobRunner:
             if job.status.is_terminal():  # canceled while it finished
                 return
             job.start()
-            outputs, encode_ms, store_ms = await asyncio.to_thread(
-                store_images, self.storage, job.id, job.record.model, job.params, result.images
+            outputs, encode_ms, store_ms = await loop.run_in_executor(
+                self._storer,
+                functools.partial(store_images, self.storage, job.id, job.record.model, job.params, result.images),
             )
             if (claimed or self.shared is not None) and self._canceled_elsewhere(job):
                 delete_images(self.storage, [o.image for o in outputs])
