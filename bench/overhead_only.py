@@ -3,7 +3,7 @@
 Not a scenario of ``python -m bench``: a tool for changing the hot path. It runs ``sdgate serve`` with
 :mod:`bench.instant_engine` (the real server, a pipeline that costs nothing) under closed-loop clients,
 and reports requests/s and the CPU each request costs: on the event loop (the main thread), on the
-server's other threads (the engine's, storage's), and in the client (this process, ``httpx``). With
+server's other threads (the engine's, storage's), and in the client (this process, :mod:`bench.wire`). With
 ``--baseline SRC`` a second server runs the ``sdgate`` package of another checkout's ``src`` folder
 (``git worktree add /tmp/base HEAD~1``, then ``--baseline /tmp/base/src``), and the two take turns in
 interleaved rounds, the order reversed every other round: the ratio is this tree's against that one.

@@ -200,9 +200,13 @@ def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
         "or a 202; on loopback there are no API keys and so no rate limit), and `SDGATE_TORCH_THREADS` set to "
         f"torch's default ({run.machine.torch_threads}), the thread count of every other system here. Every "
         "request is a durable job: SQLite record, JPEG encoded, image and sidecar stored on disk, URL returned.",
-        "- Load: closed-loop clients (`httpx.AsyncClient` in the benchmark process): each sends its next "
-        "request when the previous one is answered. Throughput is `clients / mean latency` (Little's law) over "
-        "the requests started in the measurement window, after a warm-up; p50/p95 are over the same requests.",
+        "- Load: closed-loop clients in the benchmark process: each sends its next request when the previous "
+        "one is answered. Throughput is `clients / mean latency` (Little's law) over the requests started in "
+        "the measurement window, after a warm-up; p50/p95 are over the same requests.",
+        "- The clients speak HTTP/1.1 on kept-alive connections through `bench/wire.py`, about 0.2 ms of CPU "
+        "per request, the same for every system. Runs before 2026-12-03 used `httpx.AsyncClient`, which costs "
+        "1.4-1.8 ms per request on the same two cores: that CPU was taken from whichever server it measured, "
+        "most from the ones that answer fastest. Ratios of runs before and after that change do not compare.",
         "- Only ratios within one run count: absolute numbers on a shared two-core machine drift by ±25% from "
         "run to run. The systems being compared take turns in short interleaved rounds, the order reversed "
         "every other round; during a turn every other server is paused (SIGSTOP), because an idle server is "

@@ -191,7 +191,8 @@ async def create_generation(
         caller=caller_of(request),
         wait_s=None if want_async else ctx.settings.sync_timeout,
         idempotency_key=idempotency_key,
-        body_hash=request_hash(body.model_dump(mode="json")),
+        # Only an idempotent retry is compared with its first request: no key, nothing to hash.
+        body_hash=None if idempotency_key is None else request_hash(body.model_dump(mode="json")),
         webhook_url=body.webhook_url,
     )
     view = ctx.jobs.view(generation.job)
