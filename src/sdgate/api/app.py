@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +22,7 @@ from sdgate.config import Settings, is_loopback
 from sdgate.generation import GenerationService
 from sdgate.imaging import limit_decoding
 from sdgate.jobs import Dispatcher, JobRunner
-from sdgate.jobstore import JobStore, SqliteJobStore, create_job_store
+from sdgate.jobstore import JobStore, create_job_store
 from sdgate.metrics import Metrics
 from sdgate.storage import Storage, create_storage
 
@@ -66,9 +65,6 @@ def create_app(
             backend.model_name,
             storage.name,
         )
-        if isinstance(store, SqliteJobStore):
-            # One commit per turn of the loop; RequestContext flushes before anything is answered.
-            store.group_commits(asyncio.get_running_loop())
         await jobs.start()  # recovers jobs a previous process left unfinished
         try:
             yield
@@ -92,9 +88,7 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, upload_bytes=settings.max_upload_bytes)
     limit_decoding(settings.max_pixels)  # Pillow's own decompression-bomb limit, for any image it opens
-    # Outermost: sees every response, 413s included.
-    flush = store.flush if isinstance(store, SqliteJobStore) else None
-    app.add_middleware(RequestContext, metrics=metrics, before_answer=flush)
+    app.add_middleware(RequestContext, metrics=metrics)  # outermost: sees every response, 413s included
     for router in (native, openai, a1111, health, images, metrics_route, sagemaker, text2image, playground):
         app.include_router(router.router)
     _document_request_bodies(app)

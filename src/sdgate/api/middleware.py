@@ -77,16 +77,11 @@ _REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestContext:
-    """Request id in and out (``X-Request-Id``), one access-log line and HTTP metrics per request.
+    """Request id in and out (``X-Request-Id``), one access-log line and HTTP metrics per request."""
 
-    ``before_answer`` runs before every response message goes out: the job store's flush, so that no
-    client hears of a job whose record is not committed yet.
-    """
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, before_answer: Callable[[], None] | None = None):
+    def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
         self.metrics = metrics
-        self.before_answer = before_answer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -99,12 +94,8 @@ class RequestContext:
         start = time.perf_counter()
         status = 500
 
-        before_answer = self.before_answer
-
         async def send_with_id(message: Message) -> None:
             nonlocal status
-            if before_answer is not None:
-                before_answer()
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
