@@ -4,6 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 # A CPU build of torch, installed before the package so that nothing pulls a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# The package and its extras go in with uv (10 s instead of pip's two minutes: it resolves and downloads in
+# parallel). torch alone goes in with pip, which finds a wheel on this machine's disk that uv does not look
+# for. Where only pip's own configuration reaches your package index: make test INSTALL="$(BIN)/python -m pip install".
+INSTALL ?= $(BIN)/uv pip install --python $(BIN)/python
 # What `make lint` (and so `make test`) checks: formatting, ruff's rules and mypy (strict, pyproject.toml).
 CHECKED := src tests bench deploy
 
@@ -11,15 +15,15 @@ CHECKED := src tests bench deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q --upgrade pip uv
 
 $(VENV)/.installed: $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[engine,aws]"
+	$(INSTALL) -q -e ".[engine,aws]"
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[engine,aws,postgres,ray,test]"
+	$(INSTALL) -q -e ".[engine,aws,postgres,ray,test]"
 	touch $@
 
 serve: $(VENV)/.installed
@@ -34,7 +38,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/mypy $(CHECKED)
 
 bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e ".[engine,aws,test,bench]"
+	$(INSTALL) -q -e ".[engine,aws,test,bench]"
 	$(BIN)/python -m bench
 
 clean:

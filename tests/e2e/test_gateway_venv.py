@@ -1,7 +1,7 @@
 """The gateway installs and runs without the engine extra: a fresh virtual environment with no torch.
 
-Slow (a real ``pip install`` of sdgate with the ``aws`` extra, from the local package cache), but it
-is the only honest proof that the gateway path does not need the model libraries.
+Slow (a real install of sdgate with the ``aws`` extra: uv where the suite's venv has it, as ``make test``
+installs it, else pip), but it is the only honest proof that the gateway path does not need the model libraries.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def build_gateway_venv() -> Path:
     """A new virtual environment holding ``sdgate[aws]`` and nothing else; returns its interpreter.
 
-    Built in the background from the start of the session (tests/background.py): it is mostly pip.
+    Built in the background from the start of the session (tests/background.py): it is mostly the installer,
+    uv when the suite's own environment has it (seconds; pip's resolution is a minute of CPU taken from the
+    tests running beside it).
     """
     root = background.workdir("gateway-venv")
     project = root / "project"  # a copy, so that building it leaves the working tree alone
@@ -37,8 +39,12 @@ def build_gateway_venv() -> Path:
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
+    uv = Path(sys.executable).with_name("uv")
+    installer = (
+        [str(uv), "pip", "install", "--python", str(python)] if uv.exists() else [str(python), "-m", "pip", "install"]
+    )
     subprocess.run(
-        [str(python), "-m", "pip", "install", "-q", f"{project}[aws]"],
+        [*installer, "-q", f"{project}[aws]"],
         check=True,
         timeout=600,
         capture_output=True,
