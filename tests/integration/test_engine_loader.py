@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 from sdgate.config import Settings
 from sdgate.engine.loader import LoadedModel, ModelLoadError, load_model
 from tests.integration.pipelines import ScriptedPipeline, loader_for, params, started_engine
+from tests.server import tiny_data
 
 
 def test_a_pipeline_directory_saved_by_the_test_loads_and_generates_the_same_images(
@@ -49,3 +52,36 @@ def test_a_directory_that_is_no_pipeline_is_a_load_error_naming_it(tmp_path: Pat
     with pytest.raises(ModelLoadError, match="could not load model") as info:
         load_model(str(empty), device="cpu", dtype="float32", models_dir=tmp_path / "models")
     assert str(empty) in str(info.value)
+
+
+def test_stable_diffusion_loads_and_derives_its_pipelines_without_importing_every_pipeline(tmp_path: Path) -> None:
+    # In a process of its own: this one has imported diffusers' auto pipelines already (other tests).
+    code = """
+import sys
+from pathlib import Path
+from sdgate.engine.loader import load_model
+from sdgate.engine.pipelines import Pipelines
+from sdgate.schemas import Mode
+model = load_model("tiny", device="cpu", dtype="auto", models_dir=Path(sys.argv[1]))
+pipes = Pipelines(model.pipeline)
+print(type(model.pipeline).__name__, type(pipes.get(Mode.img2img)).__name__, type(pipes.get(Mode.inpaint)).__name__)
+print("diffusers.pipelines.auto_pipeline" in sys.modules, "diffusers.models.controlnets" in sys.modules)
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tiny_data() / "models")], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    classes, imported = proc.stdout.splitlines()[-2:]
+    assert classes == "StableDiffusionPipeline StableDiffusionImg2ImgPipeline StableDiffusionInpaintPipeline"
+    assert imported == "False False"
+
+
+def test_a_pipeline_class_that_sdgate_does_not_name_goes_through_diffusers_auto_pipeline(tmp_path: Path) -> None:
+    from diffusers import AutoPipelineForText2Image, StableDiffusionXLPipeline
+
+    from sdgate.engine.loader import text2image_class
+
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    assert text2image_class(tmp_path) is AutoPipelineForText2Image
+    assert text2image_class(tmp_path / "missing") is AutoPipelineForText2Image
+    assert text2image_class(None, "StableDiffusionXLPipeline") is StableDiffusionXLPipeline

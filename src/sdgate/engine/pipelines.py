@@ -25,6 +25,20 @@ from sdgate.engine.prompts import PromptEmbeddings
 from sdgate.imaging import repaint_overlay
 from sdgate.schemas import Mode
 
+# The image-to-image and inpainting classes of the common text-to-image ones, made with their own class:
+# diffusers' AutoPipelineFor* would make the same, but importing them imports every pipeline it has (seconds,
+# paid by the first request that needs one). Other models go through AutoPipelineFor*.
+_OWN_CLASSES: dict[str, dict[Mode, str]] = {
+    "StableDiffusionPipeline": {
+        Mode.img2img: "StableDiffusionImg2ImgPipeline",
+        Mode.inpaint: "StableDiffusionInpaintPipeline",
+    },
+    "StableDiffusionXLPipeline": {
+        Mode.img2img: "StableDiffusionXLImg2ImgPipeline",
+        Mode.inpaint: "StableDiffusionXLInpaintPipeline",
+    },
+}
+
 StepFn = Callable[[int, Any], None]
 """Called with the number of steps done and the latents (a tensor, or None), after each step."""
 
@@ -32,6 +46,17 @@ StepFn = Callable[[int, Any], None]
 def inpainting_unet(pipe: Any) -> bool:
     """Whether the model is a dedicated inpainting checkpoint (its UNet also takes mask and masked image)."""
     return int(getattr(pipe.unet.config, "in_channels", 4)) == 9
+
+
+def _class_for(text2img: Any, mode: Mode) -> Any:
+    import diffusers
+
+    own = _OWN_CLASSES.get(type(text2img).__name__, {}).get(mode)
+    if own is not None:
+        return getattr(diffusers, own)
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+    return AutoPipelineForImage2Image if mode is Mode.img2img else AutoPipelineForInpainting
 
 
 class Pipelines:
@@ -49,10 +74,7 @@ class Pipelines:
         if mode is Mode.txt2img:
             return self.text2img
         if mode not in self._made:
-            from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
-
-            cls = AutoPipelineForImage2Image if mode is Mode.img2img else AutoPipelineForInpainting
-            made = cls.from_pipe(self.text2img)
+            made = _class_for(self.text2img, mode).from_pipe(self.text2img)
             made.set_progress_bar_config(disable=True)
             self._made[mode] = made
         return self._made[mode]
