@@ -95,8 +95,13 @@ def run(argv: list[str] | None = None) -> dict[str, Outcome]:
             load_after=report.load_average(),
             others_cpu=others,
         )
+        # A full run of every scenario is recorded: the report shows it beside the runs before it.
+        history = None
+        if not args.smoke and args.only is None:
+            report.append_history(report.run_entry(goals, info))
+            history = report.read_history()
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report.markdown(outcomes, info))
+        args.out.write_text(report.markdown(outcomes, info, history))
         _say(f"wrote {args.out}")
     return outcomes
 

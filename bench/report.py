@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from bench.outcome import Goal, Outcome, Table
 
 GPU_RESULTS = Path(__file__).resolve().parent / "results" / "gpu.md"
+HISTORY = Path(__file__).resolve().parent / "results" / "cpu-runs.jsonl"
+"""Every full run's goals, one JSON line each, appended by ``python -m bench``: the report shows the last three."""
+SHOWN_RUNS = 3
+PROFILE_NOTES = Path(__file__).resolve().parent / "results" / "profile.md"
+"""Where the time goes, from profiles of the server under the benchmark's load (written by hand, kept beside the
+numbers): included in the report as it is."""
 _PACKAGES = ("torch", "diffusers", "transformers", "fastapi", "uvicorn", "litserve", "httpx")
 
 
@@ -158,10 +167,85 @@ class RunInfo:
     """Share of the machine's CPU that processes outside the run used meanwhile (0..1)."""
 
 
-def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
-    """The whole of ``docs/benchmarks.md``."""
+def run_entry(goals: list[Goal], run: RunInfo) -> dict[str, Any]:
+    """This run as a line of :data:`HISTORY`."""
+    return {
+        "started": run.started.strftime("%Y-%m-%d %H:%M UTC"),
+        "minutes": round(run.seconds / 60, 1),
+        "commit": _commit(),
+        "others_cpu": round(run.others_cpu, 3),
+        "goals": [{"what": g.what, "target": g.target, "measured": g.measured, "met": g.met} for g in goals],
+    }
+
+
+def read_history(path: Path = HISTORY) -> list[dict[str, Any]]:
+    """The recorded runs, oldest first (none when the file is missing)."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_history(entry: dict[str, Any], path: Path = HISTORY) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+
+def _commit() -> str:
+    """The checkout's commit, ``-dirty`` when the tree has changes (``unknown`` outside git)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + ("-dirty" if dirty else "")
+
+
+def history_section(runs: list[dict[str, Any]]) -> list[str]:
+    """The last runs side by side: each goal's measure and result in each (Markdown lines)."""
+    shown = runs[-SHOWN_RUNS:]
+    out = [
+        f"## Run after run: the last {len(shown)} {'run' if len(shown) == 1 else 'runs'}",
+        "",
+        "Each full `make bench` appends its goals to `bench/results/cpu-runs.jsonl`; here are the last "
+        f"{SHOWN_RUNS}, oldest first (the tables below are the newest run's). A goal counts as met run after run "
+        "when it is met in every column.",
+        "",
+        "| goal | " + " | ".join(f"{r['started']} ({r['commit']})" for r in shown) + " |",
+        "|---|" + "---|" * len(shown),
+    ]
+    names: list[str] = []
+    for r in shown:
+        names += [str(g["what"]) for g in r["goals"] if g["what"] not in names]
+    for name in names:
+        cells = []
+        for r in shown:
+            goal = next((g for g in r["goals"] if g["what"] == name), None)
+            cells.append("" if goal is None else f"{goal['measured']} {'met' if goal['met'] else '**missed**'}")
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    totals = []
+    for r in shown:
+        goals = r["goals"]
+        totals.append(f"{sum(bool(g['met']) for g in goals)} of {len(goals)}")
+    out.append("| **met** | " + " | ".join(totals) + " |")
+    out.append("| other processes' CPU | " + " | ".join(f"{float(r['others_cpu']):.0%}" for r in shown) + " |")
+    return out
+
+
+def markdown(outcomes: dict[str, Outcome], run: RunInfo, history: list[dict[str, Any]] | None = None) -> str:
+    """The whole of ``docs/benchmarks.md``; ``history``: the recorded runs, this one last (default: this one)."""
     goals = [g for o in outcomes.values() for g in o.goals]
     met = sum(g.met for g in goals)
+    runs = history if history is not None else [run_entry(goals, run)]
     out = [
         "# Benchmarks",
         "",
@@ -224,6 +308,9 @@ def markdown(outcomes: dict[str, Outcome], run: RunInfo) -> str:
     if missed:
         out += ["", "Why the missed ones were missed:", ""]
         out += [f"- **{g.what}**: {g.why_missed}" for g in missed]
+    out += ["", *history_section(runs)]
+    if PROFILE_NOTES.is_file():
+        out += ["", PROFILE_NOTES.read_text().rstrip()]
     for outcome in outcomes.values():
         for table in outcome.tables:
             out += ["", f"## {table.title}", "", *_md_table(table)]
