@@ -191,6 +191,9 @@ def append_history(entry: dict[str, Any], path: Path = HISTORY) -> None:
         f.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
 
+_OUTPUTS = (":(exclude)docs/benchmarks.md", ":(exclude)bench/results/cpu-runs.jsonl")
+
+
 def _commit() -> str:
     """The checkout's commit, ``-dirty`` when the tree has changes (``unknown`` outside git)."""
     root = Path(__file__).resolve().parents[1]
@@ -198,8 +201,9 @@ def _commit() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
+        # What the runs themselves write (the report, the history) does not make the tree another one.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *_OUTPUTS],
             cwd=root,
             capture_output=True,
             text=True,
