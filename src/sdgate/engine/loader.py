@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sdgate.engine.builtin import BUILTIN_MODELS, ensure_builtin
+from sdgate.engine.pipelines import OWN_CLASSES
 from sdgate.schemas import ModelDefaults
 
 log = logging.getLogger("sdgate.engine")
@@ -20,10 +21,6 @@ DEMO_GUIDANCE = 5.0
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 # A key that only SDXL checkpoints (in the original single-file layout) carry: the second text encoder.
 _SDXL_KEY_PREFIX = "conditioner.embedders.1."
-# Text-to-image pipelines loaded through their own class when a model_index.json names them. diffusers'
-# AutoPipelineForText2Image would load them the same, but importing it imports every pipeline diffusers has
-# (ControlNets, Kandinsky, ...): 1.7 s of a 5.6 s start on this machine. Any other class goes through it.
-_OWN_CLASS = frozenset({"StableDiffusionPipeline", "StableDiffusionXLPipeline"})
 
 
 # Loading prints progress bars and advice users cannot act on; keep the server log readable.
@@ -147,7 +144,10 @@ def text2image_class(directory: Path | None, name: str | None = None) -> Any:
             name = json.loads((directory / "model_index.json").read_text()).get("_class_name")
         except (OSError, ValueError):
             name = None
-    if name in _OWN_CLASS:
+    # The families whose image-to-image and inpainting classes the engine knows too. AutoPipelineForText2Image
+    # would load them the same, but importing it imports every pipeline diffusers has (ControlNets, Kandinsky,
+    # ...): 1.7 s of a 5.6 s start on this machine.
+    if name in OWN_CLASSES:
         return getattr(diffusers, name)
     from diffusers import AutoPipelineForText2Image
 

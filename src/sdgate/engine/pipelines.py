@@ -25,10 +25,7 @@ from sdgate.engine.prompts import PromptEmbeddings
 from sdgate.imaging import repaint_overlay
 from sdgate.schemas import Mode
 
-# The image-to-image and inpainting classes of the common text-to-image ones, made with their own class:
-# diffusers' AutoPipelineFor* would make the same, but importing them imports every pipeline it has (seconds,
-# paid by the first request that needs one). Other models go through AutoPipelineFor*.
-_OWN_CLASSES: dict[str, dict[Mode, str]] = {
+OWN_CLASSES: dict[str, dict[Mode, str]] = {
     "StableDiffusionPipeline": {
         Mode.img2img: "StableDiffusionImg2ImgPipeline",
         Mode.inpaint: "StableDiffusionInpaintPipeline",
@@ -38,6 +35,10 @@ _OWN_CLASSES: dict[str, dict[Mode, str]] = {
         Mode.inpaint: "StableDiffusionXLInpaintPipeline",
     },
 }
+"""The image-to-image and inpainting classes of the common text-to-image ones, made with their own class:
+diffusers' AutoPipelineFor* would make the same, but importing them imports every pipeline it has (seconds,
+paid by the first request that needs one). Other models go through AutoPipelineFor*. The loader loads these
+text-to-image classes by their own class too."""
 
 StepFn = Callable[[int, Any], None]
 """Called with the number of steps done and the latents (a tensor, or None), after each step."""
@@ -51,7 +52,7 @@ def inpainting_unet(pipe: Any) -> bool:
 def _class_for(text2img: Any, mode: Mode) -> Any:
     import diffusers
 
-    own = _OWN_CLASSES.get(type(text2img).__name__, {}).get(mode)
+    own = OWN_CLASSES.get(type(text2img).__name__, {}).get(mode)
     if own is not None:
         return getattr(diffusers, own)
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
