@@ -138,10 +138,18 @@ class Job:
             self.loading = True
             self.publish("loading")
             return
-        self.loading = False
-        self.step, self.total_steps = step, total
+        self.note_step(step, total)
         if step > 0:
             self.publish("progress")
+
+    def note_step(self, step: int, total: int) -> None:
+        """The step it is at, in memory only; any thread (the engine's, for a job nobody subscribed to).
+
+        Never backwards within an attempt: a step handed to the loop may arrive after a later one was
+        noted directly.
+        """
+        self.loading = False
+        self.step, self.total_steps = max(self.step, step), total
 
     def set_preview(self, data: bytes) -> None:
         """A new live preview: kept for whoever polls, and a ``preview`` event to subscribers (its step is

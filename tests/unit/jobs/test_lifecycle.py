@@ -135,6 +135,17 @@ def test_advance_reports_progress_in_memory_and_to_subscribers_not_to_the_store(
     assert h.saved(job).step == 0
 
 
+def test_a_step_handed_to_the_loop_late_never_moves_progress_back() -> None:
+    h = Harness()
+    job = h.job(JobStatus.running)
+    job.note_step(2, 3)  # noted directly on the engine thread
+    job.advance(1, 3)  # an earlier step, handed to the loop before anyone watched
+    assert (job.step, job.total_steps) == (2, 3)
+    job.requeue()  # a new attempt starts from the start
+    job.advance(0, 3)
+    assert job.step == 0
+
+
 def test_requeue_puts_a_running_job_back_from_the_start() -> None:
     h = Harness()
     job = h.job(JobStatus.running)

@@ -377,3 +377,75 @@ def test_a_job_canceled_while_its_worker_ran_stays_canceled_when_the_worker_then
     run(scenario())
     [saved] = store.records.values()
     assert saved.status == JobStatus.canceled
+
+
+# -- progress -----------------------------------------------------------------------------------------
+
+
+class _StepsSeen(FakeBackend):
+    """Records the job's step as the runner shows it right after each progress report, before yielding."""
+
+    def __init__(self, r: Callable[[], JobRunner], **kw: Any) -> None:
+        super().__init__(**kw)
+        self._runner = r
+        self.seen: list[int] = []
+
+    async def generate(
+        self,
+        params: GenerationParams,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        **kw: Any,
+    ) -> GenerationResult:
+        [job] = list(self._runner()._live.values())
+
+        def report(step: int, total: int) -> None:
+            assert progress is not None
+            progress(step, total)
+            self.seen.append(job.step)
+
+        result = await super().generate(params, report, cancel, **kw)
+        await asyncio.sleep(0.05)  # what the loop owes is done by now
+        self.seen.append(job.step)
+        return result
+
+
+def test_the_steps_of_a_job_nobody_watches_are_noted_at_once_without_waking_the_loop(tmp_path: Path) -> None:
+    backend = _StepsSeen(lambda: r)
+    r = runner(tmp_path, backend)
+
+    async def scenario() -> Job:
+        job, _ = r.submit(params(num_inference_steps=3), surface=Surface.native)
+        assert await r.wait(job, 5)
+        return job
+
+    job = run(scenario())
+    assert job.status == JobStatus.succeeded
+    assert backend.seen == [1, 2, 3, 3]  # each step visible the moment it was reported
+
+
+def test_a_subscriber_gets_every_step_as_an_event(tmp_path: Path) -> None:
+    hold = asyncio.Event()
+    backend = _StepsSeen(lambda: r, hold=hold)
+    r = runner(tmp_path, backend)
+
+    async def scenario() -> list[tuple[str, int]]:
+        job, _ = r.submit(params(num_inference_steps=3), surface=Surface.native)
+        got: list[tuple[str, int]] = []
+
+        async def listen() -> None:
+            async for event in r.events(job.id):
+                got.append((event.name, event.data["progress"]["step"]))
+
+        listener = asyncio.create_task(listen())
+        await until(lambda: bool(got) and job.status == JobStatus.running)
+        hold.set()
+        await asyncio.wait_for(listener, 5)
+        return got
+
+    got = run(scenario())
+    # Through the loop: a step shows once the loop has run it, then as an event.
+    assert backend.seen == [0, 0, 0, 3]
+    assert [name for name, _ in got if name == "progress"] == ["progress"] * 3
+    assert [step for name, step in got if name == "progress"] == [1, 2, 3]
+    assert got[-1][0] == "succeeded"
