@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sdgate.backends import BackendState
 from sdgate.config import Settings
@@ -14,6 +16,8 @@ from sdgate.schemas import GenerationParams, GenerationResult, LoraInfo, ModelDe
 
 if TYPE_CHECKING:
     from sdgate.imaging import ImageInputs
+
+T = TypeVar("T")
 
 
 class LocalBackend:
@@ -75,6 +79,54 @@ class LocalBackend:
         except asyncio.CancelledError:
             # The job's task was canceled (shutdown): stop spending the device on it.
             cancel.set()
+            raise
+
+    async def generate_then(
+        self,
+        params: GenerationParams,
+        finish: Callable[[GenerationResult], T],
+        executor: Executor,
+        progress: ProgressFn | None = None,
+        cancel: threading.Event | None = None,
+        *,
+        inputs: ImageInputs | None = None,
+        previews: Previews | None = None,
+    ) -> tuple[GenerationResult, T]:
+        """:meth:`generate`, then ``finish(result)`` on ``executor``: both before the event loop hears of it.
+
+        The engine's thread hands each result to ``executor`` itself, so a job's images go from the
+        pipeline to being encoded and stored without a turn of the event loop in between: one wake-up
+        of the loop per job instead of two, and one thread hop less on the way to the answer.
+        ``finish`` raising fails the generation with its exception.
+        """
+        cancel = cancel or threading.Event()
+        loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
+        both: Future[tuple[GenerationResult, T]] = Future()
+
+        def run(result: GenerationResult) -> None:  # on the executor
+            try:
+                both.set_result((result, finish(result)))
+            except BaseException as e:
+                both.set_exception(e)
+
+        def chain(generated: Future[GenerationResult]) -> None:  # on the engine thread, as it resolves
+            if generated.cancelled():
+                both.cancel()
+            elif (error := generated.exception()) is not None:
+                both.set_exception(error)
+            else:
+                try:
+                    executor.submit(run, generated.result())
+                except RuntimeError as e:  # the executor is shut down: the server is stopping
+                    both.set_exception(e)
+
+        self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews).add_done_callback(chain)
+        try:
+            return await self._handoff.wrap(both)
+        except asyncio.CancelledError:
+            cancel.set()  # the job's task was canceled (shutdown): stop spending the device on it
             raise
 
     def stats(self) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from sdgate.imaging import ImageInputs, preview_jpeg
 from sdgate.jobs.dispatch import Dispatcher, InProcess
 from sdgate.jobs.events import TERMINAL_EVENTS, Event
 from sdgate.jobs.inputs import delete_inputs, load_inputs, store_inputs
-from sdgate.jobs.lifecycle import Job, Lifecycle
+from sdgate.jobs.lifecycle import Job, Lifecycle, Output
 from sdgate.jobs.outputs import delete_images, store_images
 from sdgate.jobs.recovery import recover, resume, webhook_window
 from sdgate.jobs.retention import retention_loop
@@ -53,6 +53,7 @@ from sdgate.schemas import (
     ErrorInfo,
     GenerationParams,
     GenerationResponse,
+    GenerationResult,
     JobParams,
     JobStatus,
     Previews,
@@ -589,20 +590,34 @@ class JobRunner:
                 inputs = job.inputs
                 if inputs is None and job.params.image_key is not None:  # recovered, or run by a worker
                     inputs = await asyncio.to_thread(load_inputs, self.storage, job.params, self.settings.max_pixels)
-                result = await self.backend.generate(
-                    job.params,
-                    lambda s, t: self._progress(job, s, t),
-                    job.cancel_requested,
-                    inputs=inputs,
-                    previews=self._previews(job),
-                )
+                progress = functools.partial(self._progress, job)
+                store = functools.partial(self._store, job)
+                generate_then = getattr(self.backend, "generate_then", None)
+                if generate_then is not None:  # the local engine: it hands the images to storing itself
+                    result, stored = await generate_then(
+                        job.params,
+                        store,
+                        self._storer,
+                        progress,
+                        job.cancel_requested,
+                        inputs=inputs,
+                        previews=self._previews(job),
+                    )
+                else:
+                    result = await self.backend.generate(
+                        job.params, progress, job.cancel_requested, inputs=inputs, previews=self._previews(job)
+                    )
+                    stored = None
             if job.status.is_terminal():  # canceled while it finished
+                if stored is not None:
+                    await loop.run_in_executor(self._storer, delete_images, self.storage, [o.image for o in stored[0]])
                 return
             job.start()
-            outputs, encode_ms, store_ms = await loop.run_in_executor(
-                self._storer,
-                functools.partial(store_images, self.storage, job.id, job.record.model, job.params, result.images),
-            )
+            if stored is None:
+                stored = await loop.run_in_executor(self._storer, store, result)
+                if stored is None:  # canceled or handed to another node meanwhile: nothing was stored
+                    return
+            outputs, encode_ms, store_ms = stored
             if (claimed or self.shared is not None) and self._canceled_elsewhere(job):
                 delete_images(self.storage, [o.image for o in outputs])
                 return
@@ -633,6 +648,12 @@ class JobRunner:
                 return
             err = GenerationFailed(f"internal error; reference {error_id} in the server log")
             job.fail(ErrorInfo(type=err.type, message=err.message))
+
+    def _store(self, job: Job, result: GenerationResult) -> tuple[list[Output], float, float] | None:
+        """On a storing thread: encode and store the job's images; None, storing nothing, once it is canceled."""
+        if job.cancel_requested.is_set():
+            return None
+        return store_images(self.storage, job.id, job.record.model, job.params, result.images)
 
     def _canceled_elsewhere(self, job: Job) -> bool:
         """Canceled through the API while a worker ran it: it stays canceled (whatever the run's outcome)."""
