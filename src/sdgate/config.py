@@ -160,8 +160,9 @@ class Settings(BaseSettings):
     )
     compile: bool = Field(
         False,
-        description="torch.compile the UNet: a slow start (the warm-up compiles it), then faster steps on CUDA; "
-        "see docs/benchmarks.md.",
+        description="torch.compile the UNet: a slow first start (the warm-up compiles it), then faster steps on "
+        "CUDA; the compile caches are kept under <data dir>/cache/torch, so a restart reuses them. See "
+        "docs/benchmarks.md.",
     )
     default_steps: int | None = Field(
         None, ge=1, le=150, description="Steps when a request names none (default: the model's own)."

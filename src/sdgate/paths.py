@@ -40,3 +40,8 @@ class DataPaths:
     def loras(self) -> Path:
         """LoRA adapters (unless SDGATE_LORA_DIR names another directory)."""
         return self.root / "loras"
+
+    @property
+    def compile_cache(self) -> Path:
+        """What ``torch.compile`` made (``SDGATE_COMPILE=1``), kept so that a restart does not compile again."""
+        return self.root / "cache" / "torch"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +11,9 @@ import numpy as np
 import pytest
 
 from sdgate.config import Settings
-from sdgate.engine.loader import LoadedModel, ModelLoadError, load_model
+from sdgate.engine.loader import COMPILE_CACHE_ENV, LoadedModel, ModelLoadError, keep_compiled, load_model
 from tests.integration.pipelines import ScriptedPipeline, loader_for, params, started_engine
-from tests.server import tiny_data
+from tests.server import tiny_data, with_tiny_models
 
 
 def test_a_pipeline_directory_saved_by_the_test_loads_and_generates_the_same_images(
@@ -85,3 +86,35 @@ def test_a_pipeline_class_that_sdgate_does_not_name_goes_through_diffusers_auto_
     assert text2image_class(tmp_path) is AutoPipelineForText2Image
     assert text2image_class(tmp_path / "missing") is AutoPipelineForText2Image
     assert text2image_class(None, "StableDiffusionXLPipeline") is StableDiffusionXLPipeline
+
+
+def test_a_compiled_unet_keeps_its_compile_caches_in_the_data_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Unset for this test (and restored after it): torch's default is /tmp, gone with the container.
+    for variable in COMPILE_CACHE_ENV:
+        monkeypatch.setenv(variable, "set, so that deleting it is undone after the test")
+        monkeypatch.delenv(variable)
+    data_dir = with_tiny_models(tmp_path / "data")
+    settings = Settings(data_dir=data_dir, model="tiny", device="cpu", warmup=False, compile=True)
+    engine = started_engine(settings)  # no warm-up: nothing compiles yet, the UNet is only wrapped
+    try:
+        assert type(engine.models.get("tiny").loaded.pipeline.unet).__name__ == "OptimizedModule"
+    finally:
+        engine.close()
+    cache = data_dir / "cache" / "torch"
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(cache / "triton")
+    assert (cache / "inductor").is_dir()
+
+
+def test_a_compile_cache_the_operator_chose_is_left_as_it_is(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    monkeypatch.setenv("TRITON_CACHE_DIR", "set, so that deleting it is undone after the test")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    chosen = keep_compiled(tmp_path / "data" / "cache" / "torch")
+    assert chosen == {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "mine"),
+        "TRITON_CACHE_DIR": str(tmp_path / "data" / "cache" / "torch" / "triton"),
+    }
+    assert not (tmp_path / "data" / "cache" / "torch" / "inductor").exists()

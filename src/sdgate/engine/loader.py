@@ -209,6 +209,39 @@ def check_spec(spec: str) -> Path:
     return path
 
 
+# torch's compile caches: Inductor's (FX graphs, AOTAutograd, kernels) and Triton's (GPU kernels).
+COMPILE_CACHE_ENV = {"TORCHINDUCTOR_CACHE_DIR": "inductor", "TRITON_CACHE_DIR": "triton"}
+
+
+def keep_compiled(cache: Path) -> dict[str, str]:
+    """Point torch's compile caches into ``cache`` (under the data directory); returns where each went.
+
+    By default they go to ``/tmp/torchinductor_<user>``: gone with a new container or a reboot, after
+    which ``SDGATE_COMPILE=1`` compiles again for minutes. The data directory is what a deployment
+    keeps. A cache directory the operator chose in the environment is left as it is. Process-wide, as
+    torch reads these variables when it compiles; set before the first compilation.
+    """
+    chosen = {}
+    for variable, name in COMPILE_CACHE_ENV.items():
+        if os.environ.get(variable) in (None, _torch_default(variable)):
+            (cache / name).mkdir(parents=True, exist_ok=True)
+            os.environ[variable] = str(cache / name)
+        chosen[variable] = os.environ[variable]
+    return chosen
+
+
+def _torch_default(variable: str) -> str | None:
+    """The value torch puts in ``variable`` itself: importing it sets Inductor's to its /tmp default."""
+    if variable != "TORCHINDUCTOR_CACHE_DIR":
+        return None
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch: any value counts as the operator's
+        return None
+    default: str = os.path.abspath(default_cache_dir())
+    return default
+
+
 def load_model(
     spec: str,
     *,
@@ -218,11 +251,13 @@ def load_model(
     single_file_config: str | None = None,
     channels_last: bool = False,
     compile_unet: bool = False,
+    compile_cache: Path | None = None,
 ) -> LoadedModel:
     """Steps: check the spec → choose device/dtype → load → move → configure.
 
     ``channels_last`` and ``compile_unet`` are the speed-ups measured in docs/benchmarks.md; both are
     off by default because neither helps everywhere (compiling takes a minute or more at start).
+    ``compile_cache``: where the compiled UNet's caches go (see :func:`keep_compiled`).
     """
     # 1. what the spec names, checked before torch and diffusers are imported (seconds)
     path = check_spec(spec)
@@ -264,6 +299,8 @@ def load_model(
         pipe.unet.to(memory_format=torch.channels_last)
         pipe.vae.to(memory_format=torch.channels_last)
     if compile_unet:
+        if compile_cache is not None:
+            keep_compiled(compile_cache)
         # Compiled lazily: the engine's warm-up pays for the first shape; a new batch size or image
         # size recompiles once, after which shapes are treated as dynamic.
         pipe.unet = torch.compile(pipe.unet)

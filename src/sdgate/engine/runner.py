@@ -245,6 +245,7 @@ class Engine:
                 single_file_config=self.settings.single_file_config,
                 channels_last=self.settings.channels_last,
                 compile_unet=self.settings.compile,
+                compile_cache=self.settings.paths.compile_cache,
             )
         from sdgate.engine.loras import Adapters, pipeline_shapes
 
