@@ -7,13 +7,17 @@ in one run, on one GPU:
 1. the bare diffusers pipeline called in process, batch 1 and batch 8 (the ceiling for a server);
 2. the same with channels-last memory format;
 3. ``sdgate serve`` (a real server process on loopback, HTTP, JPEG encoding, storage) with 1 and 8
-   concurrent clients, batching on and off;
-4. ``torch.compile`` of the UNet (compile time reported separately), batch 1 and batch 8.
+   concurrent clients, batching on and off, and with ``SDGATE_COMPILE=1``, then restarted on the same
+   data directory (its compile caches kept there);
+4. a turbo-class load: the bare pipeline and sdgate at ``TURBO_STEPS`` (4) steps;
+5. ``torch.compile`` of the UNet (compile time reported separately), batch 1 and batch 8.
 
-Phases run in that order and each is skipped when it would not finish before ``--budget-s``, so a
-run always leaves its results. Writes ``gpu.json`` and ``gpu.md`` to ``--out``.
+Servers start through :mod:`bench.servers` and take load through :mod:`bench.wire`, as in the CPU
+suite. Phases run in that order and each is skipped when it would not finish before ``--budget-s``,
+so a run always leaves its results. Writes ``gpu.json`` and ``gpu.md`` to ``--out``.
 
-    PYTHONPATH=src python3 bench/gpu.py --out /tmp/gpu-results
+    PYTHONPATH=src python3 -m bench.gpu --out /tmp/gpu-results
+    PYTHONPATH=src python3 -m bench.gpu --out /tmp/gpu-smoke --smoke --phases server,turbo   # on a CPU
 """
 
 from __future__ import annotations
@@ -23,10 +27,9 @@ import asyncio
 import json
 import os
 import platform
-import socket
+import re
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +37,12 @@ from typing import Any
 
 import httpx
 
+from bench import servers
+from bench.wire import AsyncConnection
+
 # Overridden only by --smoke (a CPU dry run of the harness at a tiny size).
 STEPS = 50
+TURBO_STEPS = 4
 SIZE = 512
 DEVICE = "cuda"
 GUIDANCE = 7.5
@@ -137,8 +144,8 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def run_bare(pipe: Any, batch: int) -> float:
-    """One pipeline call of ``batch`` images; seconds, synchronised."""
+def run_bare(pipe: Any, batch: int, steps: int | None = None) -> float:
+    """One pipeline call of ``batch`` images (``steps``, default ``STEPS``); seconds, synchronised."""
     import torch
 
     gens = [torch.Generator("cpu").manual_seed(i) for i in range(batch)]
@@ -148,7 +155,7 @@ def run_bare(pipe: Any, batch: int) -> float:
         pipe(
             [PROMPT] * batch,
             negative_prompt=[""] * batch,
-            num_inference_steps=STEPS,
+            num_inference_steps=steps or STEPS,
             guidance_scale=GUIDANCE,
             width=SIZE,
             height=SIZE,
@@ -159,14 +166,16 @@ def run_bare(pipe: Any, batch: int) -> float:
     return time.perf_counter() - t0
 
 
-def bare_rows(pipe: Any, label: str, clock: Clock, reps: dict[int, int], rows: list[dict[str, Any]]) -> None:
+def bare_rows(
+    pipe: Any, label: str, clock: Clock, reps: dict[int, int], rows: list[dict[str, Any]], steps: int | None = None
+) -> None:
     for batch, n in reps.items():
-        first = run_bare(pipe, batch)  # warm-up (and, compiled, the compile for this shape)
+        first = run_bare(pipe, batch, steps)  # warm-up (and, compiled, the compile for this shape)
         times = []
         for _ in range(n):
             if not clock.fits(first * 1.2 + 30):
                 break
-            times.append(run_bare(pipe, batch))
+            times.append(run_bare(pipe, batch, steps))
         if not times:
             log(f"{label} batch {batch}: out of time after the warm-up call ({first:.1f} s)")
             continue
@@ -183,73 +192,52 @@ def bare_rows(pipe: Any, label: str, clock: Clock, reps: dict[int, int], rows: l
         log(f"{label} batch {batch}: {row['images_per_s']:.2f} images/s, {p50:.2f} s per call (first {first:.1f} s)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def start_server(model_dir: Path, data_dir: Path, extra: dict[str, str]) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SDGATE_")}
-    env.update(
-        SDGATE_MODEL=str(model_dir),
-        SDGATE_DEVICE=DEVICE,
-        SDGATE_DTYPE="float16" if DEVICE == "cuda" else "float32",
-        SDGATE_DATA_DIR=str(data_dir),
-        SDGATE_HOST="127.0.0.1",
-        SDGATE_PORT=str(port),
-        SDGATE_SYNC_TIMEOUT="600",
-        SDGATE_QUEUE_SIZE="256",
-        SDGATE_LOG_FORMAT="text",
-        SDGATE_LOG_LEVEL="warning",
+def start_sdgate(model_dir: Path, work: Path, label: str, extra: dict[str, str]) -> tuple[servers.Server, float]:
+    """``sdgate serve`` on the SD 2.1-base directory, through the suite's one launcher; and its seconds until ready."""
+    env = {
+        "SDGATE_MODEL": str(model_dir),
+        "SDGATE_DEVICE": DEVICE,
+        "SDGATE_DTYPE": "float16" if DEVICE == "cuda" else "float32",
+        "SDGATE_QUEUE_SIZE": "256",
+        "SDGATE_LOG_FORMAT": "text",
         **extra,
-    )
-    out = open(data_dir / "server.log", "wb")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sdgate.cli", "serve"], env=env, stdout=out, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 300 s")
+    }
+    t0 = time.perf_counter()
+    server = servers.sdgate(model_dir.parent, work, name=re.sub(r"[^A-Za-z0-9]+", "-", label), extra=env)
+    server.wait_ready(timeout=900)
+    return server, time.perf_counter() - t0
 
 
-async def load(url: str, clients: int, per_client: int) -> tuple[float, list[float], list[dict[str, float]]]:
+async def load(
+    url: str, clients: int, per_client: int, steps: int
+) -> tuple[float, list[float], list[dict[str, float]]]:
     """``clients`` closed-loop clients, ``per_client`` requests each: (images/s, latencies, job timings)."""
     body = {
         "prompt": PROMPT,
         "width": SIZE,
         "height": SIZE,
-        "num_inference_steps": STEPS,
+        "num_inference_steps": steps,
         "guidance_scale": GUIDANCE,
         "output_format": "jpeg",
     }
     latencies: list[float] = []
     timings: list[dict[str, float]] = []
 
-    async def client(i: int, http: httpx.AsyncClient) -> None:
-        for j in range(per_client):
-            t0 = time.perf_counter()
-            resp = await http.post(f"{url}/v1/generations", json={**body, "seed": i * 1000 + j})
-            resp.raise_for_status()
-            latencies.append(time.perf_counter() - t0)
-            timings.append(resp.json().get("timings") or {})
+    async def client(i: int) -> None:
+        connection = AsyncConnection(url)  # the load client of the CPU suite, a kept-alive connection each
+        try:
+            for j in range(per_client):
+                t0 = time.perf_counter()
+                resp = await connection.post({**body, "seed": i * 1000 + j})
+                resp.raise_for_status()
+                latencies.append(time.perf_counter() - t0)
+                timings.append(resp.json().get("timings") or {})
+        finally:
+            await connection.close()
 
-    async with httpx.AsyncClient(timeout=600) as http:
-        t0 = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(clients)))
-        wall = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    wall = time.perf_counter() - t0
     return clients * per_client / wall, latencies, timings
 
 
@@ -263,21 +251,22 @@ def server_rows(
     per_image_s: float,
     rows: list[dict[str, Any]],
     warmup_clients: int = 0,
-) -> None:
-    data = work / f"data-{label.replace(' ', '-')}"
-    data.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    proc, url = start_server(model_dir, data, extra)
-    log(f"{label}: server ready in {time.perf_counter() - t0:.1f} s")
+    steps: int | None = None,
+) -> float:
+    """Rows of ``label``'s server under ``plan`` (clients, requests each); returns its seconds until ready."""
+    steps = steps or STEPS
+    server, ready_s = start_sdgate(model_dir, work, label, extra)
+    log(f"{label}: server ready in {ready_s:.1f} s")
     try:
         for clients, per_client in plan:
             if not clock.fits(clients * per_client * per_image_s * 1.5 + 20):
                 log(f"{label} {clients} clients: skipped (time)")
                 continue
-            asyncio.run(load(url, warmup_clients or clients, 1))  # warm-up: one round, not counted
-            before = batch_totals(url)
-            rate, lat, timings = asyncio.run(load(url, clients, per_client))
-            after = batch_totals(url)
+            url = server.generate_url
+            asyncio.run(load(url, warmup_clients or clients, 1, steps))  # warm-up: one round, not counted
+            before = batch_totals(server.url)
+            rate, lat, timings = asyncio.run(load(url, clients, per_client, steps))
+            after = batch_totals(server.url)
             row = {
                 "what": label,
                 "clients_or_batch": f"{clients} clients",
@@ -297,11 +286,8 @@ def server_rows(
                 f"{row['mean_batch_images']:.2f} images per call, job ms {row['job_ms']}"
             )
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
+    return ready_s
 
 
 def batch_totals(url: str) -> tuple[float, float]:
@@ -345,7 +331,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Measured {result['date']} on **{v['gpu']}** ({v['cpu_cores']} CPU cores), torch {v['torch']} "
         f"(CUDA {v['cuda']}), diffusers {v['diffusers']}, transformers {v['transformers']}, Python {v['python']}.",
         "",
-        f"Model: Stable Diffusion 2.1-base architecture from its public configs, random weights, fp16, "
+        f"Model: Stable Diffusion 2.1-base architecture from its public configs, random weights, "
+        f"{'fp16' if DEVICE == 'cuda' else 'float32'}, "
         f"{SIZE}x{SIZE}, {STEPS} Euler steps, guidance {GUIDANCE}. Command: `{result['command']}`.",
         "",
         "| what | load | images/s | p50 s | p95 s | notes |",
@@ -362,6 +349,8 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {r['what']} | {r['clients_or_batch']} | {r['images_per_s']:.2f} | {r['p50_s']:.2f} | {p95} "
             f"| {', '.join(notes)} |"
         )
+    if result.get("starts"):  # until /readyz: model loaded and warmed up (compiled, with SDGATE_COMPILE=1)
+        lines += ["", *(f"- {start['what']}: ready in {start['ready_s']:.1f} s" for start in result["starts"])]
     if result.get("skipped"):
         lines += ["", "Skipped for lack of time: " + "; ".join(result["skipped"]) + "."]
     return "\n".join(lines) + "\n"
@@ -373,7 +362,7 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=480)
     ap.add_argument(
         "--phases",
-        default="channels_last,server,nobatch,server_compile,compile",
+        default="channels_last,server,nobatch,server_compile,restart,turbo,compile",
         help="which phases to run after the bare pipeline (comma-separated)",
     )
     ap.add_argument("--smoke", action="store_true", help="dry-run the harness on the CPU: 64x64, 2 steps")
@@ -386,10 +375,11 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d"),
-        "command": f"PYTHONPATH=src python3 bench/gpu.py --out OUT --budget-s {args.budget_s:g} --phases {args.phases}",
+        "command": f"PYTHONPATH=src python3 -m bench.gpu --out OUT --budget-s {args.budget_s:g} --phases {args.phases}",
         "versions": versions(),
         "rows": rows,
         "skipped": [],
+        "starts": [],
     }
 
     def save() -> None:
@@ -434,14 +424,36 @@ def main() -> None:
     elif "nobatch" in phases:
         result["skipped"].append("sdgate batching off")
     save()
+    # One data directory for both starts: the second finds the compile caches the first left there.
+    compiled = {"SDGATE_COMPILE": "1", "SDGATE_DATA_DIR": str(work / "data-compile")}
     if "server_compile" in phases and clock.fits(240):
-        on = {"SDGATE_COMPILE": "1"}
-        server_rows(model_dir, work, "sdgate + SDGATE_COMPILE=1", on, [(1, 3), (8, 2)], clock, per_image, rows)
+        first = server_rows(
+            model_dir, work, "sdgate + SDGATE_COMPILE=1", compiled, [(1, 3), (8, 2)], clock, per_image, rows
+        )
+        result["starts"].append({"what": "sdgate + SDGATE_COMPILE=1, first start", "ready_s": round(first, 1)})
+        if "restart" in phases and clock.fits(120):
+            again = server_rows(
+                model_dir, work, "sdgate + SDGATE_COMPILE=1, restarted", compiled, [], clock, per_image, rows
+            )
+            result["starts"].append({"what": "the same, restarted on its data dir", "ready_s": round(again, 1)})
     elif "server_compile" in phases:
         result["skipped"].append("sdgate with SDGATE_COMPILE=1")
     save()
 
-    # 4. torch.compile in process (last: its compile time is the least predictable)
+    # 4. a turbo-class load: the same architecture at TURBO_STEPS, where sdgate's fixed costs show most
+    if "turbo" in phases and clock.fits(90):
+        turbo_rows = {1: 10, 8: 4}
+        bare_rows(pipe, f"bare diffusers, {TURBO_STEPS} steps", clock, turbo_rows, rows, steps=TURBO_STEPS)
+        plan = [(1, 10), (8, 4)]
+        per_turbo = per_image * TURBO_STEPS / STEPS
+        server_rows(
+            model_dir, work, f"sdgate, {TURBO_STEPS} steps", {}, plan, clock, per_turbo, rows, steps=TURBO_STEPS
+        )
+    elif "turbo" in phases:
+        result["skipped"].append(f"{TURBO_STEPS} steps")
+    save()
+
+    # 5. torch.compile in process (last: its compile time is the least predictable)
     if "compile" in phases and clock.fits(150):
         pipe.unet = torch.compile(pipe.unet)
         bare_rows(pipe, "bare + torch.compile", clock, {1: 3, 8: 2}, rows)
