@@ -8,9 +8,13 @@ server's other threads (the engine's, storage's), and in the client (this proces
 (``git worktree add /tmp/base HEAD~1``, then ``--baseline /tmp/base/src``), and the two take turns in
 interleaved rounds, the order reversed every other round: the ratio is this tree's against that one.
 
-Beside a real model on two shared cores one run's ratios drift by ±15%; here by about ±5%, which is
-what lets a change of a tenth of a millisecond per request be seen. At 8 clients on the tiny model's
-64x64 the time between two batches is about 8 x (server CPU per request) plus the last client's turn.
+Beside a real model on two shared cores one run's ratios drift by ±15%; here by about ±5% on a quiet
+machine, which lets a change of a tenth of a millisecond per request be seen. On a busy one it is
+worse: on 2026-12-04 this tree against itself (``--baseline`` the same ``src``) read 0.75 and 0.91 at 8
+clients within the hour. Run that A/A check first and trust a ratio only well outside it.
+
+At 8 clients on the tiny model's 64x64 the time between two batches is about 8 x (server CPU per
+request) plus the last client's turn.
 
 ``--model tiny`` runs the real tiny model instead (noisier), and ``--bare`` adds the bare pipeline called
 in process (batch ``--clients``) as a third contender: the ratio that ``python -m bench``'s goal is about.
