@@ -70,16 +70,9 @@ class LocalBackend:
         previews: Previews | None = None,
     ) -> GenerationResult:
         cancel = cancel or threading.Event()
-        loop = asyncio.get_running_loop()
-        if self._handoff is None or self._handoff.loop is not loop:
-            self._handoff = Handoff(loop)
-        future = self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews)
-        try:
-            return await self._handoff.wrap(future)
-        except asyncio.CancelledError:
-            # The job's task was canceled (shutdown): stop spending the device on it.
-            cancel.set()
-            raise
+        return await self._outcome(
+            self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews), cancel
+        )
 
     async def generate_then(
         self,
@@ -100,9 +93,6 @@ class LocalBackend:
         ``finish`` raising fails the generation with its exception.
         """
         cancel = cancel or threading.Event()
-        loop = asyncio.get_running_loop()
-        if self._handoff is None or self._handoff.loop is not loop:
-            self._handoff = Handoff(loop)
         both: Future[tuple[GenerationResult, T]] = Future()
 
         def run(result: GenerationResult) -> None:  # on the executor
@@ -123,10 +113,18 @@ class LocalBackend:
                     both.set_exception(e)
 
         self.engine.submit(params, progress, cancel, inputs=inputs, previews=previews).add_done_callback(chain)
+        return await self._outcome(both, cancel)
+
+    async def _outcome(self, future: Future[T], cancel: threading.Event) -> T:
+        """``future``'s outcome on the running loop, brought there by the hand-off (one wake-up for many)."""
+        loop = asyncio.get_running_loop()
+        if self._handoff is None or self._handoff.loop is not loop:
+            self._handoff = Handoff(loop)
         try:
-            return await self._handoff.wrap(both)
+            return await self._handoff.wrap(future)
         except asyncio.CancelledError:
-            cancel.set()  # the job's task was canceled (shutdown): stop spending the device on it
+            # The job's task was canceled (shutdown): stop spending the device on it.
+            cancel.set()
             raise
 
     def stats(self) -> dict[str, Any]:
