@@ -509,7 +509,9 @@ def test_jobs_running_and_queued_at_kill_9_finish_after_restart(servers: list[Se
     """
     first = servers[-1]
     with httpx.Client(base_url=first.url, timeout=DEADLINE_S) as client:
-        running = submit(client, {"prompt": "cut short", "width": 128, "height": 128, "num_inference_steps": 30})
+        # Long enough to be still running at the kill on a fast, busy machine: at 30 steps it once
+        # finished in the 1.4 s the queue took to fill, and was never run again.
+        running = submit(client, {"prompt": "cut short", "width": 128, "height": 128, "num_inference_steps": 80})
         wait_for(client, running["id"], lambda j: j["status"] == "running" and j["progress"]["step"] >= 1, "running")
         queued = [submit(client, {"prompt": f"waiting {i}", **SMALL})["id"] for i in range(QUEUE_SIZE)]
         assert [get_job(client, j)["status"] for j in queued] == ["queued"] * QUEUE_SIZE
